@@ -1,0 +1,112 @@
+"""What every meta-learning algorithm shares: its shape, input checks, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metajax.inner import check_learning_rate
+from metajax.types import Batch, LossFn, MetricFn, Params, PyTree, Task
+
+MetaParams = PyTree
+Metrics = dict[str, jax.Array]
+
+
+class MetaLearner(NamedTuple):
+    """A meta-learning algorithm as pure functions, like an optax GradientTransformation.
+
+    Attributes:
+      init: ``init(params) -> meta_params``: the model's parameters plus whatever
+        the algorithm meta-learns (learned inner rates, ...).
+      meta_grad: ``meta_grad(meta_params, tasks) -> (grads, metrics)``. ``tasks``
+        is a :class:`Task` with a leading task axis; ``grads`` has the structure
+        of ``meta_params`` and is averaged over tasks, ready for an optax outer
+        step; ``metrics`` maps names to scalars (at least ``loss_before`` and
+        ``loss_after``, the mean query loss before and after adaptation).
+      adapt: ``adapt(meta_params, support, *, steps=None) -> params`` for one
+        task (no task axis); ``steps`` overrides the number of inner steps.
+      adapt_trace: ``adapt_trace(meta_params, support, trace_fn, *, steps=None)
+        -> (params, trace)``; ``trace`` stacks ``trace_fn`` of the parameters
+        after 0, 1, ..., steps inner steps (leading axis ``steps + 1``).
+    """
+
+    init: Callable[[Params], MetaParams]
+    meta_grad: Callable[[MetaParams, Task], tuple[MetaParams, Metrics]]
+    adapt: Callable[..., Params]
+    adapt_trace: Callable[..., tuple[Params, PyTree]]
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+    return int(value)
+
+
+def check_inner_rule(inner_lr: Any, inner_optimizer: Any) -> None:
+    """Exactly one of a learning rate (plain SGD) or an optax inner optimizer."""
+    if (inner_lr is None) == (inner_optimizer is None):
+        raise ValueError("give exactly one of inner_lr (plain SGD) or inner_optimizer (optax).")
+    if inner_lr is not None:
+        check_learning_rate("inner_lr", inner_lr)
+
+
+def check_tasks(tasks: Any) -> int:
+    """Checks a batch of tasks at trace time and returns the number of tasks.
+
+    Support and query must have the same structure, every leaf a leading task
+    axis of one common size, and matching trailing shapes and dtypes.
+    """
+    if not isinstance(tasks, Task):
+        raise TypeError(f"tasks must be a metajax Task(support, query), got {type(tasks).__name__}.")
+    s_leaves, s_def = jax.tree_util.tree_flatten_with_path(tasks.support)
+    q_leaves, q_def = jax.tree_util.tree_flatten_with_path(tasks.query)
+    if s_def != q_def:
+        raise ValueError(f"support and query have different structures: {s_def} vs {q_def}.")
+    if not s_leaves:
+        raise ValueError("tasks hold no arrays.")
+    sizes = set()
+    for (path, s), (_, q) in zip(s_leaves, q_leaves):
+        name = jax.tree_util.keystr(path) or "<root>"
+        if jnp.ndim(s) < 2 or jnp.ndim(q) < 2:
+            raise ValueError(
+                f"leaf {name} has shape support {jnp.shape(s)} / query {jnp.shape(q)}: a batch of "
+                "tasks needs a task axis and an example axis (did you pass a single task? use adapt)."
+            )
+        if jnp.shape(s)[2:] != jnp.shape(q)[2:]:
+            raise ValueError(
+                f"leaf {name}: support example shape {jnp.shape(s)[2:]} != query {jnp.shape(q)[2:]}."
+            )
+        if jnp.result_type(s) != jnp.result_type(q):
+            raise ValueError(f"leaf {name}: support dtype {s.dtype} != query dtype {q.dtype}.")
+        sizes.add(jnp.shape(s)[0])
+        sizes.add(jnp.shape(q)[0])
+    if len(sizes) != 1:
+        raise ValueError(
+            f"leading axes differ across support/query leaves ({sorted(sizes)}): every leaf needs "
+            "the same leading task axis (a single task passed without one?)."
+        )
+    return sizes.pop()
+
+
+def query_metrics(
+    loss_fn: LossFn, metric_fn: MetricFn | None, before: Params, after: Params, query: Batch
+) -> Metrics:
+    """Query loss (and ``metric_fn``) before and after adaptation, not differentiated."""
+    before, after = jax.lax.stop_gradient((before, after))
+    out = {"loss_before": loss_fn(before, query), "loss_after": loss_fn(after, query)}
+    if metric_fn is not None:
+        for name, value in metric_fn(before, query).items():
+            out[f"{name}_before"] = value
+        for name, value in metric_fn(after, query).items():
+            out[f"{name}_after"] = value
+    return out
+
+
+def mean_over_tasks(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)

@@ -1,0 +1,79 @@
+"""Reptile (Nichol et al., 2018): move the initialisation toward adapted weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from metajax.algorithms.base import (
+    MetaLearner,
+    check_inner_rule,
+    check_positive_int,
+    check_tasks,
+    mean_over_tasks,
+    query_metrics,
+)
+from metajax.inner import adapt_trace
+from metajax.types import LossFn, MetricFn, PyTree
+
+
+def reptile(
+    loss_fn: LossFn,
+    *,
+    inner_steps: int,
+    inner_lr: Any = None,
+    inner_optimizer: optax.GradientTransformation | None = None,
+    mask: PyTree | None = None,
+    unroll: bool = True,
+    metric_fn: MetricFn | None = None,
+) -> MetaLearner:
+    """Reptile, with its update expressed as a pseudo-gradient.
+
+    ``meta_grad`` returns ``params - mean over tasks of adapt(params, support)``.
+    Any optax optimizer then makes the outer step: ``optax.sgd(eps)`` gives the
+    paper's batched update ``params + eps * (mean(adapted) - params)``. Nothing
+    is differentiated through the inner loop.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      inner_steps: inner updates per task, ``>= 1``.
+      inner_lr: SGD inner learning rate (any form :func:`metajax.adapt` takes).
+      inner_optimizer: an optax transformation as the inner optimizer (the
+        paper used Adam).
+      mask: which parameter leaves adapt.
+      unroll: unrolled Python loop (True) or ``lax.scan`` (False).
+      metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
+
+    Returns:
+      A :class:`MetaLearner`; metrics hold the query loss before and after adaptation.
+    """
+    inner_steps = check_positive_int("inner_steps", inner_steps)
+    check_inner_rule(inner_lr, inner_optimizer)
+
+    def _adapt_trace(params, support, trace_fn=None, *, steps=None):
+        return adapt_trace(
+            loss_fn, params, support, steps=inner_steps if steps is None else steps,
+            trace_fn=trace_fn, lr=inner_lr, optimizer=inner_optimizer,
+            first_order=True, mask=mask, unroll=unroll,
+        )
+
+    def _adapt(params, support, *, steps=None):
+        return _adapt_trace(params, support, steps=steps)[0]
+
+    def meta_grad(params, tasks):
+        check_tasks(tasks)
+
+        def one_task(task):
+            adapted = _adapt(params, task.support)
+            return adapted, query_metrics(loss_fn, metric_fn, params, adapted, task.query)
+
+        adapted, metrics = jax.vmap(one_task)(tasks)
+        mean_adapted = mean_over_tasks(adapted)
+        pseudo_grad = jax.tree.map(lambda p, a: p - a, params, mean_adapted)
+        return jax.lax.stop_gradient(pseudo_grad), mean_over_tasks(metrics)
+
+    return MetaLearner(
+        init=lambda params: params, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace
+    )
