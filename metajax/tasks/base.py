@@ -33,3 +33,14 @@ class TaskSource(Protocol):
 def task_rng(seed: int, split_id: int, step: int, task: int) -> np.random.Generator:
     """The numpy generator of one task: independent across seeds, splits, steps and tasks."""
     return np.random.default_rng([seed, split_id, step, task])
+
+
+# The three meta-splits every task source knows, and the ids ``task_rng`` folds in.
+SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
+
+
+def split_id(split: str) -> int:
+    """The id of a meta-split for :func:`task_rng`; a clear error for an unknown name."""
+    if split not in SPLIT_IDS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLIT_IDS)}.")
+    return SPLIT_IDS[split]
