@@ -1,7 +1,25 @@
 """Meta-learning algorithms, one per file, all of the :class:`MetaLearner` shape."""
 
+from metajax.algorithms.anil import anil
 from metajax.algorithms.base import MetaLearner
+from metajax.algorithms.imaml import imaml
 from metajax.algorithms.maml import maml
+from metajax.algorithms.mamlpp import mamlpp, mamlpp_outer_optimizer, mamlpp_weights
+from metajax.algorithms.meta_sgd import meta_sgd
+from metajax.algorithms.protonets import Prototypes, protonet_logits, protonets
 from metajax.algorithms.reptile import reptile
 
-__all__ = ["MetaLearner", "maml", "reptile"]
+__all__ = [
+    "MetaLearner",
+    "Prototypes",
+    "anil",
+    "imaml",
+    "maml",
+    "mamlpp",
+    "mamlpp_outer_optimizer",
+    "mamlpp_weights",
+    "meta_sgd",
+    "protonet_logits",
+    "protonets",
+    "reptile",
+]

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from metajax.inner import check_learning_rate
 from metajax.types import Batch, LossFn, MetricFn, Params, PyTree, Task
@@ -110,3 +111,70 @@ def query_metrics(
 
 def mean_over_tasks(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+
+def grad_of_mean_task_loss(
+    task_loss: Callable[[MetaParams, Task], tuple[jax.Array, Metrics]],
+    meta_params: MetaParams,
+    tasks: Task,
+) -> tuple[MetaParams, Metrics]:
+    """Gradient of the mean over tasks of ``task_loss``, and the mean metrics.
+
+    ``task_loss(meta_params, task) -> (scalar, metrics)`` sees one task; it is
+    vmapped over the leading task axis of ``tasks``. ``jax.grad`` with respect
+    to ``meta_params`` differentiates through everything ``task_loss`` does,
+    inner loop included (second-order MAML, Meta-SGD, MAML++, ProtoNets).
+    """
+
+    def mean_loss(mp):
+        losses, metrics = jax.vmap(task_loss, in_axes=(None, 0))(mp, tasks)
+        return jnp.mean(losses), mean_over_tasks(metrics)
+
+    return jax.grad(mean_loss, has_aux=True)(meta_params)
+
+
+def learned_rate_optimizer(
+    rates: PyTree, inner_optimizer: optax.GradientTransformation | None = None
+) -> optax.GradientTransformation:
+    """An inner optimizer whose step sizes are meta-learned arrays (Meta-SGD, MAML++ LSLR).
+
+    The update of each parameter leaf is ``rate * direction``, where
+    ``direction`` is ``-grad`` (plain SGD) or, given ``inner_optimizer``, that
+    optimizer's update (already pointing downhill, e.g. ``optax.adam(1.0)``).
+    Each leaf of ``rates`` (structure of params) either broadcasts to its
+    parameter's shape (per tensor or per parameter) or has one extra leading
+    axis indexed by the inner step (per step). Rates are used as given: no
+    sign check and no clipping, since learned rates may legitimately turn
+    negative (Li et al. 2017). Differentiable in ``rates``; meant for
+    :func:`metajax.adapt`'s ``optimizer=`` argument, built inside the traced
+    function so that ``rates`` can be traced.
+    """
+    direction = optax.scale(-1.0) if inner_optimizer is None else inner_optimizer
+
+    def init(params):
+        del params
+        return jnp.zeros((), jnp.int32)
+
+    def update(updates, count, params=None):
+        del params
+
+        def scale(r, u):
+            r = r[count] if jnp.ndim(r) == jnp.ndim(u) + 1 else r
+            return (r * u).astype(u.dtype)
+
+        return jax.tree.map(scale, rates, updates), count + 1
+
+    return optax.chain(direction, optax.GradientTransformation(init, update))
+
+
+def full_like_rates(params: Params, value: Any, steps: int | None = None) -> PyTree:
+    """Learned-rate tree initialised to ``value``: per parameter (``steps=None``,
+    each leaf the parameter's shape) or per step and tensor (each leaf
+    ``(steps, 1, ..., 1)``). Dtype follows the parameter."""
+
+    def leaf(p):
+        p = jnp.asarray(p)
+        shape = p.shape if steps is None else (steps,) + (1,) * p.ndim
+        return jnp.full(shape, value, p.dtype)
+
+    return jax.tree.map(leaf, params)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from metajax.algorithms.base import (
@@ -13,6 +12,7 @@ from metajax.algorithms.base import (
     check_inner_rule,
     check_positive_int,
     check_tasks,
+    grad_of_mean_task_loss,
     mean_over_tasks,
     query_metrics,
 )
@@ -79,11 +79,7 @@ def maml(
         )
 
     def second_order_grad(params, tasks):
-        def mean_loss(p):
-            losses, metrics = jax.vmap(task_loss, in_axes=(None, 0))(p, tasks)
-            return jnp.mean(losses), mean_over_tasks(metrics)
-
-        return jax.grad(mean_loss, has_aux=True)(params)
+        return grad_of_mean_task_loss(task_loss, params, tasks)
 
     def first_order_grad(params, tasks):
         def one_task(task):

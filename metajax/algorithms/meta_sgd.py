@@ -1,0 +1,103 @@
+"""Meta-SGD (Li et al., 2017): per-parameter inner learning rates, meta-learned."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from metajax.algorithms.base import (
+    MetaLearner,
+    check_inner_rule,
+    check_positive_int,
+    check_tasks,
+    full_like_rates,
+    grad_of_mean_task_loss,
+    learned_rate_optimizer,
+    query_metrics,
+)
+from metajax.inner import adapt_trace
+from metajax.types import LossFn, MetricFn, PyTree
+
+
+def meta_sgd(
+    loss_fn: LossFn,
+    *,
+    inner_steps: int,
+    inner_lr: Any = None,
+    inner_optimizer: optax.GradientTransformation | None = None,
+    first_order: bool = False,
+    remat: bool = False,
+    mask: PyTree | None = None,
+    unroll: bool = True,
+    metric_fn: MetricFn | None = None,
+) -> MetaLearner:
+    """Meta-SGD: the initialisation and a learning rate per parameter, learned jointly.
+
+    ``meta_params = {"params": params, "lr": rates}`` where ``rates`` has the
+    structure and shapes of ``params``. The inner update is
+    ``phi <- phi - rates * grad`` (elementwise); with ``inner_optimizer`` it is
+    ``phi <- phi + rates * update`` with ``update`` that optimizer's step (it
+    must already point downhill, e.g. ``optax.adam(1.0)``), so the rates act as
+    learned per-parameter step sizes of any optax rule. ``meta_grad`` returns
+    the gradient of the mean query loss after adaptation with respect to both
+    ``params`` and ``rates``, through the whole inner loop (``first_order``
+    stops the gradient through the inner gradients only; the rates still get
+    their gradient ``-sum_k grad_k * dL/dphi``).
+
+    The rates are never clipped or checked for sign: the paper lets them go
+    negative (a negative rate ascends that coordinate's support loss, which
+    meta-training may find useful). Clip them in your outer optimizer (e.g.
+    ``optax.masked`` + a projection) if you want them kept positive.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      inner_steps: inner updates per task, ``>= 1``.
+      inner_lr: initial value of every rate (plain SGD inner loop), a scalar.
+      inner_optimizer: optax inner optimizer whose updates the rates scale;
+        the rates then start at 1.
+      first_order: stop the gradient through the inner gradients.
+      remat: rematerialise each inner step in the backward pass.
+      mask: which parameter leaves adapt (see :func:`metajax.adapt`); frozen
+        leaves' rates get zero gradient.
+      unroll: unrolled Python loop (True) or ``lax.scan`` (False).
+      metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
+
+    Returns:
+      A :class:`MetaLearner`. ``adapt(meta_params, support)`` uses the learned rates.
+    """
+    inner_steps = check_positive_int("inner_steps", inner_steps)
+    check_inner_rule(inner_lr, inner_optimizer)
+    initial_rate = 1.0 if inner_lr is None else inner_lr
+
+    def init(params):
+        return {"params": params, "lr": full_like_rates(params, initial_rate)}
+
+    def _adapt_trace(meta_params, support, trace_fn=None, *, steps=None):
+        return adapt_trace(
+            loss_fn,
+            meta_params["params"],
+            support,
+            steps=inner_steps if steps is None else steps,
+            trace_fn=trace_fn,
+            optimizer=learned_rate_optimizer(meta_params["lr"], inner_optimizer),
+            first_order=first_order,
+            remat=remat,
+            mask=mask,
+            unroll=unroll,
+        )
+
+    def _adapt(meta_params, support, *, steps=None):
+        return _adapt_trace(meta_params, support, steps=steps)[0]
+
+    def task_loss(meta_params, task):
+        adapted = _adapt(meta_params, task.support)
+        return loss_fn(adapted, task.query), query_metrics(
+            loss_fn, metric_fn, meta_params["params"], adapted, task.query
+        )
+
+    def meta_grad(meta_params, tasks):
+        check_tasks(tasks)
+        return grad_of_mean_task_loss(task_loss, meta_params, tasks)
+
+    return MetaLearner(init=init, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace)

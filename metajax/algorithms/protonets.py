@@ -1,0 +1,136 @@
+"""Prototypical Networks (Snell et al., 2017): a metric-based baseline, no inner gradients."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from metajax.algorithms.base import (
+    MetaLearner,
+    check_positive_int,
+    check_tasks,
+    grad_of_mean_task_loss,
+)
+from metajax.types import Batch, Params
+
+# embed_fn(params, x) -> (n, d) embeddings of n examples.
+EmbedFn = Callable[[Params, jax.Array], jax.Array]
+# distance_fn(queries (n, d), prototypes (ways, d)) -> (n, ways) distances.
+DistanceFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class Prototypes(NamedTuple):
+    """What ProtoNets' ``adapt`` returns: the embedding parameters and one
+    prototype per class, shape ``(ways, d)``. A pytree; classify queries with
+    :func:`protonet_logits`."""
+
+    params: Params
+    prototypes: jax.Array
+
+
+def squared_euclidean(queries: jax.Array, prototypes: jax.Array) -> jax.Array:
+    """``(n, d), (ways, d) -> (n, ways)`` squared Euclidean distances, the paper's choice."""
+    return jnp.sum((queries[:, None, :] - prototypes[None, :, :]) ** 2, axis=-1)
+
+
+def class_means(embeddings: jax.Array, labels: jax.Array, ways: int) -> jax.Array:
+    """Mean embedding per class, ``(n, d), (n,) -> (ways, d)``; a class absent from
+    the support set gets the zero vector (its count is clamped to 1)."""
+    one_hot = jax.nn.one_hot(labels, ways, dtype=embeddings.dtype)
+    counts = jnp.maximum(jnp.sum(one_hot, axis=0), 1.0)
+    return (one_hot.T @ embeddings) / counts[:, None]
+
+
+def protonet_logits(
+    embed_fn: EmbedFn, adapted: Prototypes, x: jax.Array, distance_fn: DistanceFn | None = None
+) -> jax.Array:
+    """Class logits ``-distance(embed(x), prototypes)``, shape ``(n, ways)``."""
+    distance_fn = squared_euclidean if distance_fn is None else distance_fn
+    return -distance_fn(embed_fn(adapted.params, x), adapted.prototypes)
+
+
+def protonets(
+    embed_fn: EmbedFn,
+    *,
+    ways: int,
+    distance_fn: DistanceFn | None = None,
+    metric_fn: Callable[[Prototypes, Batch], dict[str, jax.Array]] | None = None,
+) -> MetaLearner:
+    """Prototypical Networks on the shared task interface.
+
+    Support and query batches are ``(x, labels)`` with integer ``labels`` in
+    ``0 .. ways - 1`` (traced, so ``ways`` must be given statically). For one
+    task, prototypes are the class means of the support embeddings; query
+    logits are ``-squared Euclidean distance`` to each prototype (or
+    ``-distance_fn``); the loss is the softmax cross-entropy on the query
+    labels. ``meta_grad`` is the gradient of its mean over tasks with respect to
+    the embedding parameters, through the prototypes.
+
+    ``adapt(params, support)`` returns :class:`Prototypes` (params plus class
+    prototypes; "adaptation" is computing them, there are no inner steps);
+    predict with ``protonet_logits(embed_fn, adapted, x)``. ``steps`` must be
+    None or 0; ``adapt_trace`` returns a trace of length 1 (``steps + 1`` with
+    ``steps = 0``): ``trace_fn`` of that :class:`Prototypes`.
+
+    Metrics: ``loss_after`` / ``accuracy_after`` on the query. Without
+    prototypes there is no classifier, so ``loss_before`` / ``accuracy_before``
+    are those of the uniform (chance) prediction, ``log(ways)`` and ``1/ways``:
+    the "before" a nearest-prototype classifier improves upon.
+
+    Args:
+      embed_fn: ``embed_fn(params, x) -> (n, d)`` embeddings.
+      ways: number of classes per task, ``>= 2``.
+      distance_fn: ``(queries (n, d), prototypes (ways, d)) -> (n, ways)``;
+        default :func:`squared_euclidean`.
+      metric_fn: optional ``metric_fn(adapted, query) -> {name: scalar}``,
+        reported as ``{name}_after``.
+
+    Returns:
+      A :class:`MetaLearner`; ``meta_params`` are the embedding parameters.
+    """
+    ways = check_positive_int("ways", ways)
+    if ways < 2:
+        raise ValueError(f"ways must be >= 2, got {ways}.")
+
+    def _adapt(params, support, *, steps=None):
+        if steps not in (None, 0):
+            raise ValueError(f"ProtoNets has no inner steps; steps must be None or 0, got {steps}.")
+        x, labels = support
+        if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+            raise TypeError(f"labels must be integers, got {jnp.result_type(labels)}.")
+        return Prototypes(params, class_means(embed_fn(params, x), labels, ways))
+
+    def _adapt_trace(params, support, trace_fn=None, *, steps=None):
+        adapted = _adapt(params, support, steps=steps)
+        trace = None if trace_fn is None else jax.tree.map(lambda t: t[None], trace_fn(adapted))
+        return adapted, trace
+
+    def task_loss(params, task):
+        adapted = _adapt(params, task.support)
+        x, labels = task.query
+        logits = protonet_logits(embed_fn, adapted, x, distance_fn)
+        losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)
+        loss = jnp.mean(losses)
+        accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
+        metrics = {
+            "loss_before": jnp.asarray(math.log(ways), loss.dtype),
+            "loss_after": jax.lax.stop_gradient(loss),
+            "accuracy_before": jnp.asarray(1.0 / ways, loss.dtype),
+            "accuracy_after": accuracy,
+        }
+        if metric_fn is not None:
+            extra = metric_fn(jax.lax.stop_gradient(adapted), task.query)
+            metrics.update({f"{k}_after": v for k, v in extra.items()})
+        return loss, metrics
+
+    def meta_grad(params, tasks):
+        check_tasks(tasks)
+        return grad_of_mean_task_loss(task_loss, params, tasks)
+
+    return MetaLearner(
+        init=lambda params: params, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace
+    )
