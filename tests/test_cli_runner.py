@@ -1,0 +1,126 @@
+"""The runner through ``metajax.cli.main``, in-process (8 fake devices): end to end, errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from metajax import cli, experiment, runner
+from metajax.checkpoint import Checkpointer
+from metajax.experiment import ConfigError, apply_overrides, load_config
+
+TINY = ["--no-progress", "--set", "train.steps=10", "train.log_every=5", "train.checkpoint_every=5"]
+
+
+def test_tiny_train_then_eval_end_to_end(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "sinusoid:tiny", "--workdir", str(workdir), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "Held-out evaluation on 16 test tasks" in out and "sinusoid_fit.png" in out
+
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10]
+    assert all(np.isfinite(r["loss_after"]) and r["steps_per_s"] > 0 for r in rows)
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["train"]["steps"] == 10 and config["task"]["type"] == "SinusoidTask"
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "5"]
+    assert (workdir / "plots" / "learning_curve_loss.png").stat().st_size > 1000
+    assert (workdir / "plots" / "sinusoid_fit.png").stat().st_size > 1000
+
+    result = json.loads((workdir / "eval.json").read_text())
+    assert result["num_tasks"] == 16 and result["adaptation_steps"] == [0, 1, 2]
+    assert result["checkpoint_step"] == 10
+    loss = result["metrics"]["loss"]
+    assert len(loss["mean"]) == len(loss["ci95"]) == 3
+    assert all(c > 0 for c in loss["ci95"])
+
+    # Step 0 of the evaluation is the meta-learned model's plain query loss on the test tasks.
+    exp = experiment.build(load_config("sinusoid:tiny"))
+    state = Checkpointer(workdir / "checkpoints").restore(
+        runner.train_state(exp.algo, exp.setup.params, exp.optimizer))
+    tasks = exp.setup.eval_source.sample(0, 16)
+    losses = jax.vmap(exp.setup.loss_fn, in_axes=(None, 0))(state.meta_params, tasks.query)
+    np.testing.assert_allclose(loss["mean"][0], np.mean(losses), rtol=1e-5)
+    np.testing.assert_allclose(loss["ci95"][0], 1.96 * np.std(losses, ddof=1) / 4.0, rtol=1e-4)
+
+    # `metajax eval` on the workdir reproduces the numbers, with more tasks when asked.
+    assert cli.main(["eval", "sinusoid:tiny", "--workdir", str(workdir),
+                     "--set", "eval.num_tasks=24", "eval.chunk=10"]) == 0
+    again = json.loads((workdir / "eval.json").read_text())
+    assert again["num_tasks"] == 24
+    assert "Held-out evaluation on 24 test tasks" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.step=5", "unknown config key (did you mean train.steps"),
+        ("steps=5", "did you mean train.steps"),
+        ("train.steps=five", "--set train.steps=five: expected int"),
+        ("algorithm.first_order=maybe", "expected bool"),
+        ("eval.table_steps=(0, 'a')", "expected tuple"),
+        ("train", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("sinusoid:tiny", [override])
+    assert message in str(err.value)
+
+
+def test_overrides_parse_by_type_and_cli_reports_errors(tmp_path, capsys):
+    config = load_config("sinusoid", ["task.shots=5", "algorithm.first_order=true",
+                                      "optimizer.lr=3e-4", "task.hidden=(64, 64)"])
+    assert (config.task.shots, config.algorithm.first_order) == (5, True)
+    assert config.optimizer.lr == 3e-4 and config.task.hidden == (64, 64)
+    with pytest.raises(ConfigError, match="no variant 'huge'"):
+        load_config("sinusoid:huge")
+    with pytest.raises(ConfigError, match="did you mean sinusoid"):
+        load_config("sinusiod")
+    with pytest.raises(ConfigError, match="reptile takes no 'first_order'"):
+        experiment.build(load_config("sinusoid:reptile", ["algorithm.first_order=true"]))
+    with pytest.raises(ConfigError, match="unknown algorithm 'mamll' \\(did you mean maml"):
+        experiment.build(apply_overrides(load_config("sinusoid:tiny"), ["algorithm.name=mamll"]))
+    run = ["train", "sinusoid:tiny", "--workdir", str(tmp_path), "--set"]
+    code = cli.main([*run, "train.stepz=1"])
+    assert code == 2
+    assert "train.stepz" in capsys.readouterr().err
+    code = cli.main([*run, "train.meta_batch=12"])
+    assert code == 2
+    assert "12 tasks does not divide over 8 devices" in capsys.readouterr().err
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    # Fine for 4 steps, then (resumed) an outer learning rate that blows the parameters up.
+    workdir = tmp_path / "run"
+    base = ["train", "sinusoid:tiny", "--workdir", str(workdir), "--no-progress", "--set",
+            "train.log_every=1", "train.checkpoint_every=4"]
+    assert cli.main([*base, "train.steps=4", "eval.after_train=false"]) == 0
+    code = cli.main([*base, "train.steps=12", "optimizer.lr=1e30"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "step 6: meta-train metric" in err and ("is inf" in err or "is nan" in err)
+    assert "last good checkpoint (step 4)" in err
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4"]
+    assert not (workdir / "eval.json").exists()
+
+
+def test_fomaml_and_reptile_variants_build_and_step(tmp_path):
+    for variant in ("fomaml", "reptile"):
+        config = load_config(f"sinusoid:{variant}", [
+            "train.steps=2", "train.meta_batch=8", "task.hidden=(8,)", "eval.after_train=false"])
+        state = runner.train(config, tmp_path / variant, progress=False, echo=lambda *_: None)
+        assert int(state.step) == 2
+        assert np.isfinite(jax.tree.leaves(jax.device_get(state.meta_params))[0]).all()
+
+
+def test_runner_pmap_path_matches_sharding(tmp_path):
+    sets = ["train.steps=3", "eval.after_train=false"]
+    states = [
+        jax.device_get(runner.train(load_config("sinusoid:tiny", [*sets, f"train.parallel={mode}"]),
+                                    tmp_path / mode, progress=False, echo=lambda *_: None))
+        for mode in ("sharding", "pmap")
+    ]
+    assert int(states[1].step) == 3
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *states)
