@@ -64,8 +64,17 @@ def adapt(
       The adapted parameters, same structure and dtypes as ``params``.
     """
     adapted, _ = adapt_trace(
-        loss_fn, params, support, steps=steps, lr=lr, optimizer=optimizer,
-        first_order=first_order, remat=remat, mask=mask, unroll=unroll, trace_fn=None,
+        loss_fn,
+        params,
+        support,
+        steps=steps,
+        lr=lr,
+        optimizer=optimizer,
+        first_order=first_order,
+        remat=remat,
+        mask=mask,
+        unroll=unroll,
+        trace_fn=None,
     )
     return adapted
 

@@ -100,14 +100,23 @@ def test_masked_meta_gradient_still_reaches_frozen_layers(problem):
 def test_trace_records_every_step(problem):
     params, task = problem
     adapted, losses = mj.adapt_trace(
-        mse_loss, params, task.support, steps=4, lr=0.2,
+        mse_loss,
+        params,
+        task.support,
+        steps=4,
+        lr=0.2,
         trace_fn=lambda p: mse_loss(p, task.support),
     )
     assert losses.shape == (5,)
     np.testing.assert_allclose(losses[0], mse_loss(params, task.support), rtol=1e-6)
     np.testing.assert_allclose(losses[-1], mse_loss(adapted, task.support), rtol=1e-6)
     _, scanned = mj.adapt_trace(
-        mse_loss, params, task.support, steps=4, lr=0.2, unroll=False,
+        mse_loss,
+        params,
+        task.support,
+        steps=4,
+        lr=0.2,
+        unroll=False,
         trace_fn=lambda p: mse_loss(p, task.support),
     )
     np.testing.assert_allclose(scanned, losses, rtol=1e-5)

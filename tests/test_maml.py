@@ -150,7 +150,9 @@ def test_vmap_over_tasks_equals_loop_over_tasks(first_order):
     tasks = sine_tasks(jax.random.key(13))
     algo = mj.maml(mse_loss, inner_steps=2, inner_lr=ALPHA, first_order=first_order)
     batched, metrics = algo.meta_grad(params, tasks)
-    singles = [algo.meta_grad(params, jax.tree.map(lambda a: a[i : i + 1], tasks)) for i in range(4)]
+    singles = [
+        algo.meta_grad(params, jax.tree.map(lambda a: a[i : i + 1], tasks)) for i in range(4)
+    ]
     looped = jax.tree.map(lambda *g: sum(g) / 4, *[g for g, _ in singles])
     assert rel_error(batched, looped) < 1e-5
     np.testing.assert_allclose(
@@ -197,8 +199,10 @@ def test_adam_inner_loop_matches_finite_differences():
         grads, _ = algo.meta_grad(params, tasks)
 
         def objective(p):
-            losses = [mse_loss(algo.adapt(p, take_task(tasks, i).support), take_task(tasks, i).query)
-                      for i in range(2)]
+            losses = [
+                mse_loss(algo.adapt(p, take_task(tasks, i).support), take_task(tasks, i).query)
+                for i in range(2)
+            ]
             return sum(losses) / 2
 
         fd = central_differences(objective, params, eps=1e-7)
@@ -206,3 +210,23 @@ def test_adam_inner_loop_matches_finite_differences():
         err = rel_error(grads, fd)
     print(f"second-order MAML with inner Adam vs central differences: rel err {err:.2e}")
     assert err < 1e-6
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile"])
+@pytest.mark.parametrize("task_batch", [1, 2])
+def test_task_batch_scan_equals_vmap(name, task_batch):
+    params = mlp_init(jax.random.key(21))
+    tasks = sine_tasks(jax.random.key(22))
+    make = {
+        "maml": lambda **kw: mj.maml(mse_loss, inner_steps=2, inner_lr=ALPHA, **kw),
+        "fomaml": lambda **kw: mj.maml(
+            mse_loss, inner_steps=2, inner_lr=ALPHA, first_order=True, **kw
+        ),
+        "reptile": lambda **kw: mj.reptile(mse_loss, inner_steps=2, inner_lr=ALPHA, **kw),
+    }[name]
+    want, want_metrics = make().meta_grad(params, tasks)
+    got, got_metrics = make(task_batch=task_batch).meta_grad(params, tasks)
+    assert rel_error(got, want) < 1e-5
+    np.testing.assert_allclose(got_metrics["loss_after"], want_metrics["loss_after"], rtol=1e-5)
+    with pytest.raises(ValueError, match="does not divide"):
+        make(task_batch=3).meta_grad(params, tasks)

@@ -24,6 +24,7 @@ def anil(
     inner_optimizer: optax.GradientTransformation | None = None,
     unroll: bool = True,
     metric_fn: MetricFn | None = None,
+    task_batch: int | None = None,
 ) -> MetaLearner:
     """Almost No Inner Loop: the inner loop adapts the head, the outer loop learns everything.
 
@@ -53,6 +54,7 @@ def anil(
       inner_optimizer: an optax transformation as the inner optimizer.
       unroll: unrolled Python loop (True) or ``lax.scan`` (False).
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
+      task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
 
     Returns:
       A :class:`MetaLearner`; ``meta_params`` are the model's parameters.
@@ -71,6 +73,7 @@ def anil(
             mask=mask_by_path(params, head),
             unroll=unroll,
             metric_fn=metric_fn,
+            task_batch=task_batch,
         )
 
     def meta_grad(params, tasks):

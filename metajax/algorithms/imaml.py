@@ -13,7 +13,7 @@ from metajax.algorithms.base import (
     check_inner_rule,
     check_positive_int,
     check_tasks,
-    mean_over_tasks,
+    mean_over_task_batches,
     query_metrics,
 )
 from metajax.inner import adapt_trace
@@ -35,6 +35,7 @@ def imaml(
     cg_tol: float = 1e-10,
     unroll: bool = True,
     metric_fn: MetricFn | None = None,
+    task_batch: int | None = None,
 ) -> MetaLearner:
     """Implicit MAML: meta-gradient by the implicit function theorem, not by unrolling.
 
@@ -68,6 +69,7 @@ def imaml(
       cg_tol: CG stops early when the residual falls below ``cg_tol * ||g||``.
       unroll: unrolled inner loop (True) or ``lax.scan`` (False).
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
+      task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
 
     Returns:
       A :class:`MetaLearner`; ``meta_params`` are the model's parameters and
@@ -120,8 +122,7 @@ def imaml(
 
     def meta_grad(params, tasks):
         check_tasks(tasks)
-        grads, metrics = jax.vmap(one_task, in_axes=(None, 0))(params, tasks)
-        return mean_over_tasks(grads), mean_over_tasks(metrics)
+        return mean_over_task_batches(lambda task: one_task(params, task), tasks, task_batch)
 
     return MetaLearner(
         init=lambda params: params, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace

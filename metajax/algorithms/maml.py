@@ -13,7 +13,7 @@ from metajax.algorithms.base import (
     check_positive_int,
     check_tasks,
     grad_of_mean_task_loss,
-    mean_over_tasks,
+    mean_over_task_batches,
     query_metrics,
 )
 from metajax.inner import adapt_trace
@@ -31,6 +31,7 @@ def maml(
     mask: PyTree | None = None,
     unroll: bool = True,
     metric_fn: MetricFn | None = None,
+    task_batch: int | None = None,
 ) -> MetaLearner:
     """Model-Agnostic Meta-Learning (Finn et al., 2017).
 
@@ -55,6 +56,9 @@ def maml(
       unroll: unrolled Python loop (True) or ``lax.scan`` (False).
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``,
         reported before and after adaptation (e.g. accuracy).
+      task_batch: tasks vmapped at once; None vmaps the whole meta-batch, a
+        divisor of it loops over groups with ``lax.scan`` (less memory; faster
+        on CPU). The result is the same mean over tasks.
 
     Returns:
       A :class:`MetaLearner`; ``meta_params`` are the model's parameters.
@@ -64,9 +68,17 @@ def maml(
 
     def _adapt_trace(params, support, trace_fn=None, *, steps=None):
         return adapt_trace(
-            loss_fn, params, support, steps=inner_steps if steps is None else steps,
-            trace_fn=trace_fn, lr=inner_lr, optimizer=inner_optimizer,
-            first_order=first_order, remat=remat, mask=mask, unroll=unroll,
+            loss_fn,
+            params,
+            support,
+            steps=inner_steps if steps is None else steps,
+            trace_fn=trace_fn,
+            lr=inner_lr,
+            optimizer=inner_optimizer,
+            first_order=first_order,
+            remat=remat,
+            mask=mask,
+            unroll=unroll,
         )
 
     def _adapt(params, support, *, steps=None):
@@ -79,7 +91,7 @@ def maml(
         )
 
     def second_order_grad(params, tasks):
-        return grad_of_mean_task_loss(task_loss, params, tasks)
+        return grad_of_mean_task_loss(task_loss, params, tasks, task_batch)
 
     def first_order_grad(params, tasks):
         def one_task(task):
@@ -87,8 +99,7 @@ def maml(
             grads = jax.grad(loss_fn)(adapted, task.query)
             return grads, query_metrics(loss_fn, metric_fn, params, adapted, task.query)
 
-        grads, metrics = jax.vmap(one_task)(tasks)
-        return mean_over_tasks(grads), mean_over_tasks(metrics)
+        return mean_over_task_batches(one_task, tasks, task_batch)
 
     def meta_grad(params, tasks):
         check_tasks(tasks)

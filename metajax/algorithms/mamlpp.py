@@ -95,6 +95,7 @@ def mamlpp(
     mask: PyTree | None = None,
     unroll: bool = True,
     metric_fn: MetricFn | None = None,
+    task_batch: int | None = None,
 ) -> MetaLearner:
     """MAML++'s learned rates, multi-step loss and first-order warm-up, each optional.
 
@@ -129,6 +130,7 @@ def mamlpp(
       mask: which parameter leaves adapt (see :func:`metajax.adapt`).
       unroll: unrolled Python loop (True) or ``lax.scan`` (False).
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
+      task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
 
     Returns:
       A :class:`MetaLearner`; metrics add ``mamlpp_step`` (the counter) when it exists.
@@ -194,7 +196,9 @@ def mamlpp(
         check_tasks(tasks)
 
         def grads_with(order_is_first, mp):
-            return grad_of_mean_task_loss(partial(task_loss, first_order=order_is_first), mp, tasks)
+            return grad_of_mean_task_loss(
+                partial(task_loss, first_order=order_is_first), mp, tasks, task_batch
+            )
 
         if first_order_until > 0 and not first_order:
             warm = meta_params["step"] < first_order_until

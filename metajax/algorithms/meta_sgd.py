@@ -31,6 +31,7 @@ def meta_sgd(
     mask: PyTree | None = None,
     unroll: bool = True,
     metric_fn: MetricFn | None = None,
+    task_batch: int | None = None,
 ) -> MetaLearner:
     """Meta-SGD: the initialisation and a learning rate per parameter, learned jointly.
 
@@ -62,6 +63,7 @@ def meta_sgd(
         leaves' rates get zero gradient.
       unroll: unrolled Python loop (True) or ``lax.scan`` (False).
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
+      task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
 
     Returns:
       A :class:`MetaLearner`. ``adapt(meta_params, support)`` uses the learned rates.
@@ -98,6 +100,6 @@ def meta_sgd(
 
     def meta_grad(meta_params, tasks):
         check_tasks(tasks)
-        return grad_of_mean_task_loss(task_loss, meta_params, tasks)
+        return grad_of_mean_task_loss(task_loss, meta_params, tasks, task_batch)
 
     return MetaLearner(init=init, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace)

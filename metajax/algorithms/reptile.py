@@ -12,7 +12,7 @@ from metajax.algorithms.base import (
     check_inner_rule,
     check_positive_int,
     check_tasks,
-    mean_over_tasks,
+    mean_over_task_batches,
     query_metrics,
 )
 from metajax.inner import adapt_trace
@@ -28,6 +28,7 @@ def reptile(
     mask: PyTree | None = None,
     unroll: bool = True,
     metric_fn: MetricFn | None = None,
+    task_batch: int | None = None,
 ) -> MetaLearner:
     """Reptile, with its update expressed as a pseudo-gradient.
 
@@ -45,6 +46,7 @@ def reptile(
       mask: which parameter leaves adapt.
       unroll: unrolled Python loop (True) or ``lax.scan`` (False).
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
+      task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
 
     Returns:
       A :class:`MetaLearner`; metrics hold the query loss before and after adaptation.
@@ -54,9 +56,16 @@ def reptile(
 
     def _adapt_trace(params, support, trace_fn=None, *, steps=None):
         return adapt_trace(
-            loss_fn, params, support, steps=inner_steps if steps is None else steps,
-            trace_fn=trace_fn, lr=inner_lr, optimizer=inner_optimizer,
-            first_order=True, mask=mask, unroll=unroll,
+            loss_fn,
+            params,
+            support,
+            steps=inner_steps if steps is None else steps,
+            trace_fn=trace_fn,
+            lr=inner_lr,
+            optimizer=inner_optimizer,
+            first_order=True,
+            mask=mask,
+            unroll=unroll,
         )
 
     def _adapt(params, support, *, steps=None):
@@ -69,10 +78,9 @@ def reptile(
             adapted = _adapt(params, task.support)
             return adapted, query_metrics(loss_fn, metric_fn, params, adapted, task.query)
 
-        adapted, metrics = jax.vmap(one_task)(tasks)
-        mean_adapted = mean_over_tasks(adapted)
+        mean_adapted, metrics = mean_over_task_batches(one_task, tasks, task_batch)
         pseudo_grad = jax.tree.map(lambda p, a: p - a, params, mean_adapted)
-        return jax.lax.stop_gradient(pseudo_grad), mean_over_tasks(metrics)
+        return jax.lax.stop_gradient(pseudo_grad), metrics
 
     return MetaLearner(
         init=lambda params: params, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace

@@ -1,0 +1,1 @@
+"""metajax benchmarks: run with `python -m benchmarks.run` (see benchmarks/README.md)."""

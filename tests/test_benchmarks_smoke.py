@@ -1,0 +1,34 @@
+"""The benchmark runner end to end at tiny sizes: every suite's code path, no timing claims."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_runner_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           # Smoke sizes measure nothing: compile fast rather than well.
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    suites = ["standard", "convnet", "inner_steps", "meta_batch", "model_size", "compile_cache"]
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--repeats", "2", "--out",
+         str(tmp_path), "--suite", *suites],
+        cwd=ROOT, env=env, check=True, timeout=900,
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["suites"]) == set(suites)
+    standard = results["suites"]["standard"]
+    assert [r["algorithm"] for r in standard] == ["maml", "imaml"]
+    for row in standard:
+        assert row["median_s"] > 0 and row["flops"] > 0 and row["temp_bytes"] > 0
+    # Remat recomputes the inner steps in the backward pass: more FLOPs for the same result.
+    plain, remat = sorted(results["suites"]["inner_steps"], key=lambda r: r["remat"])
+    assert remat["flops"] > plain["flops"]
+    cold, cached = results["suites"]["compile_cache"]
+    assert cold["cache"] == "cold" and cached["cache"] == "from_cache"
+    assert (tmp_path / "inner_steps.png").stat().st_size > 1000
+    assert "| case |" in (tmp_path / "results.md").read_text()
