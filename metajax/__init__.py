@@ -1,6 +1,6 @@
 """metajax: gradient-based meta-learning in JAX."""
 
-from metajax import parallel
+from metajax import parallel, predict
 from metajax.algorithms import (
     MetaLearner,
     anil,
@@ -9,6 +9,7 @@ from metajax.algorithms import (
     mamlpp,
     mamlpp_outer_optimizer,
     meta_sgd,
+    pretrain,
     protonets,
     reptile,
 )
@@ -34,6 +35,8 @@ __all__ = [
     "mask_by_path",
     "meta_sgd",
     "parallel",
+    "predict",
+    "pretrain",
     "protonets",
     "reptile",
     "train_state",

@@ -106,6 +106,10 @@ class Setup(NamedTuple):
 
     ``plot_fn(algo, meta_params, plots_dir) -> path | None`` draws a
     family-specific figure after evaluation (e.g. fitted sinusoids).
+    ``embed_fn(params, x) -> (n, d)`` is what metric-based algorithms whose
+    first argument is ``embed_fn`` (ProtoNets) get instead of ``loss_fn``.
+    ``predict_fn(adapted, x) -> outputs`` maps what ``algo.adapt`` returns to
+    predictions on new inputs (regression values, class or next-token logits).
     """
 
     params: Params
@@ -114,6 +118,8 @@ class Setup(NamedTuple):
     train_source: Any
     eval_source: Any
     plot_fn: Callable[..., Any] | None = None
+    embed_fn: Callable[..., Any] | None = None
+    predict_fn: Callable[..., Any] | None = None
 
 
 class Experiment(NamedTuple):
@@ -161,11 +167,14 @@ def algorithm_names() -> list[str]:
     return sorted(set(found) | set(ALGORITHMS))
 
 
-def make_algorithm(cfg: AlgorithmConfig, loss_fn: LossFn, metric_fn: MetricFn | None):
+def make_algorithm(cfg: AlgorithmConfig, loss_fn: LossFn, metric_fn: MetricFn | None,
+                   embed_fn: Callable[..., Any] | None = None):
     """The :class:`MetaLearner` named ``cfg.name``: registered, or a metajax.algorithms function.
 
     Fields of ``cfg`` the function's signature lacks must keep their defaults;
-    otherwise the config asks for something the algorithm cannot do.
+    otherwise the config asks for something the algorithm cannot do. A
+    function whose first parameter is ``embed_fn`` (ProtoNets) gets the
+    family's ``embed_fn`` in place of ``loss_fn``.
     """
     if cfg.name in ALGORITHMS:
         return ALGORITHMS[cfg.name](cfg, loss_fn, metric_fn)
@@ -174,6 +183,12 @@ def make_algorithm(cfg: AlgorithmConfig, loss_fn: LossFn, metric_fn: MetricFn | 
         raise ConfigError(f"unknown algorithm {cfg.name!r}{_suggest(cfg.name, algorithm_names())}; "
                           f"available: {', '.join(algorithm_names())}.")
     accepted = inspect.signature(fn).parameters
+    first = loss_fn
+    if next(iter(accepted), None) == "embed_fn":
+        if embed_fn is None:
+            raise ConfigError(f"algorithm {cfg.name!r} needs an embedding; this task family "
+                              "provides none (Setup.embed_fn).")
+        first = embed_fn
     defaults = AlgorithmConfig()
     kwargs = dict(cfg.options)
     for field in ("inner_steps", "inner_lr", "first_order", "remat"):
@@ -187,7 +202,7 @@ def make_algorithm(cfg: AlgorithmConfig, loss_fn: LossFn, metric_fn: MetricFn | 
     unknown = set(kwargs) - set(accepted)
     if unknown:
         raise ConfigError(f"algorithm.options: {cfg.name} takes no {sorted(unknown)}.")
-    return fn(loss_fn, **kwargs)
+    return fn(first, **kwargs)
 
 
 @register_algorithm("fomaml")
@@ -212,12 +227,12 @@ def build(config: Config) -> Experiment:
         raise ConfigError(f"unknown task family {config.family!r}"
                           f"{_suggest(config.family, FAMILIES)}; registered: {sorted(FAMILIES)}.")
     setup = FAMILIES[config.family](config)
-    algo = make_algorithm(config.algorithm, setup.loss_fn, setup.metric_fn)
+    algo = make_algorithm(config.algorithm, setup.loss_fn, setup.metric_fn, setup.embed_fn)
     return Experiment(config, setup, algo, make_optimizer(config.optimizer))
 
 
 def _import_builtin_families() -> None:
-    import metajax.families  # noqa: F401  (registers sinusoid, ...)
+    import metajax.families  # noqa: F401  (registers sinusoid, omniglot, words_lm, ...)
 
 
 # --- finding and loading config files ------------------------------------------------------

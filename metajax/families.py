@@ -1,9 +1,10 @@
 """Built-in task families for the runner: each maps a Config to a Setup.
 
-A new family (Omniglot + ConvNet, words + Transformer, ...) is a frozen
-dataclass for its ``Config.task`` and a builder decorated with
-``@register_family(name)``; import its module here (or from its config file)
-so that the registry sees it.
+Here: ``sinusoid``. Also registered on import: ``omniglot``
+(:mod:`metajax.families_omniglot`), ``words_lm`` and ``words_langid``
+(:mod:`metajax.families_words`). A new family is a frozen dataclass for its
+``Config.task`` and a builder decorated with ``@register_family(name)``;
+import its module here (or from its config file) so that the registry sees it.
 """
 
 from __future__ import annotations
@@ -50,4 +51,9 @@ def sinusoid(config: Config) -> Setup:
         return sinusoid_fit(algo, meta_params, model.apply, test, plots_dir,
                             steps=(1, config.eval.inner_steps))
 
-    return Setup(params, loss_fn, None, train, test, plot_fn)
+    return Setup(params, loss_fn, None, train, test, plot_fn, predict_fn=model.apply)
+
+
+# Registers the other built-in families (imported last: they import this module's registry).
+import metajax.families_omniglot  # noqa: E402, F401
+import metajax.families_words  # noqa: E402, F401

@@ -6,6 +6,7 @@ from metajax.algorithms.imaml import imaml
 from metajax.algorithms.maml import maml
 from metajax.algorithms.mamlpp import mamlpp, mamlpp_outer_optimizer, mamlpp_weights
 from metajax.algorithms.meta_sgd import meta_sgd
+from metajax.algorithms.pretrain import pretrain
 from metajax.algorithms.protonets import Prototypes, protonet_logits, protonets
 from metajax.algorithms.reptile import reptile
 
@@ -19,6 +20,7 @@ __all__ = [
     "mamlpp_outer_optimizer",
     "mamlpp_weights",
     "meta_sgd",
+    "pretrain",
     "protonet_logits",
     "protonets",
     "reptile",

@@ -1,0 +1,162 @@
+"""Tables and figures of experiments/RESULTS.md from the run directories (``runs/<name>``).
+
+    .venv/bin/python experiments/_results.py [RUNS_DIR]
+
+Prints Markdown tables (mean +- 95% CI over the test tasks, wall-clock of each run) and writes
+PNGs to experiments/results/. The leading underscore keeps this file out of the experiment
+list. Per-task medians of the sinusoid runs are recomputed from the checkpoints (seconds),
+because one diverging task dominates some means.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results"
+
+
+def load(run: Path) -> dict | None:
+    if not (run / "eval.json").is_file():
+        return None
+    result = json.loads((run / "eval.json").read_text())
+    wall = run / "wall_s.txt"
+    result["wall_s"] = float(wall.read_text()) if wall.is_file() else None
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    result["curve"] = rows
+    return result
+
+
+def cell(metric: dict, step: int, scale: float = 1.0, digits: int = 3) -> str:
+    if step >= len(metric["mean"]):
+        return "-"
+    return f"{scale * metric['mean'][step]:.{digits}f} ± {scale * metric['ci95'][step]:.{digits}f}"
+
+
+def curve_time(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Meta-steps and cumulative training seconds at each log line (from steps_per_s)."""
+    steps = np.array([r["step"] for r in rows], float)
+    widths = np.diff(np.concatenate([[0.0], steps]))
+    seconds = np.cumsum(widths / np.array([r["steps_per_s"] for r in rows]))
+    return steps, seconds
+
+
+def sinusoid_medians(run: Path, steps=(0, 1, 10)) -> list[float]:
+    import metajax.predict as mp
+    from metajax.train import evaluate
+
+    model = mp.load(run)
+    exp = model._exp
+    per_task = evaluate(exp.algo, model.meta_params, exp.setup.eval_source, exp.setup.loss_fn,
+                        num_tasks=600, steps=max(steps), chunk=200)["loss"]
+    # nanmedian: a task whose fit diverged to NaN must not hide the other 599.
+    return [float(np.nanmedian(per_task[:, s])) for s in steps]
+
+
+def sinusoid(runs: Path) -> None:
+    algos = ("maml", "fomaml", "reptile", "pretrain")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    print("| K | algorithm | MSE, 0 steps | MSE, 1 step | MSE, 10 steps | median 1 / 10 steps "
+          "| run time |")
+    print("|---|---|---|---|---|---|---|")
+    for ax, k in zip(axes, (5, 10, 20), strict=True):
+        for algo in algos:
+            run = runs / f"sinusoid_k{k}_{algo}"
+            r = load(run)
+            if r is None:
+                continue
+            loss = r["metrics"]["loss"]
+            med = sinusoid_medians(run)
+            wall = f"{r['wall_s']:.0f} s" if r["wall_s"] else "-"
+            print(f"| {k} | {algo} | {cell(loss, 0)} | {cell(loss, 1)} | {cell(loss, 10)} | "
+                  f"{med[1]:.3f} / {med[2]:.3f} | {wall} |")
+            mean, ci = np.array(loss["mean"]), np.array(loss["ci95"])
+            x = np.arange(len(mean))
+            ax.plot(x, mean, "o-", ms=3, label=algo)
+            ax.fill_between(x, np.maximum(mean - ci, 1e-3), mean + ci, alpha=0.15)
+        ax.set_title(f"K = {k}")
+        ax.set_xlabel("adaptation steps (SGD, lr 0.01)")
+        ax.set_yscale("log")
+        ax.set_ylim(0.01, 100)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("query MSE, 600 test tasks (95% CI)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "sinusoid_mse_vs_steps.png", dpi=80)
+    plt.close(fig)
+    for name in ("sinusoid_k5_maml", "sinusoid_k5_pretrain"):
+        src = runs / name / "plots" / "sinusoid_fit.png"
+        if src.is_file():
+            shutil.copy(src, OUT / f"{name}_fit.png")
+
+
+def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title: str) -> None:
+    """Meta-training curves of first- against second-order runs, by step and by wall-clock."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for label, name in names.items():
+        r = load(runs / name)
+        if r is None:
+            continue
+        steps, seconds = curve_time(r["curve"])
+        y = np.array([row[metric] for row in r["curve"]])
+        a.plot(steps, y, label=label)
+        b.plot(seconds, y, label=label)
+    a.set_xlabel("meta-train step")
+    b.set_xlabel("training wall-clock (s, shared 2-core CPU)")
+    a.set_ylabel(f"meta-train {metric} (query, after adaptation)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        if "loss" in metric:
+            ax.set_yscale("log")
+    a.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(OUT / path, dpi=80)
+    plt.close(fig)
+
+
+def generic(runs: Path, prefix: str, metric: str, steps: tuple[int, ...], scale=1.0) -> None:
+    print("| run | " + " | ".join(f"{metric}, {s} steps" for s in steps) + " | run time |")
+    print("|---|" + "---|" * (len(steps) + 1))
+    for run in sorted(runs.glob(f"{prefix}*")):
+        r = load(run)
+        if r is None:
+            continue
+        m = r["metrics"][metric]
+        wall = f"{r['wall_s']:.0f} s" if r["wall_s"] else "-"
+        cells = " | ".join(cell(m, s, scale) for s in steps)
+        print(f"| {run.name} | {cells} | {wall} |")
+
+
+def main(runs: Path) -> None:
+    OUT.mkdir(exist_ok=True)
+    print("## sinusoid\n")
+    sinusoid(runs)
+    order_plot(runs, {"MAML (2nd order)": "sinusoid_k5_maml", "FOMAML": "sinusoid_k5_fomaml",
+                      "Reptile": "sinusoid_k5_reptile"}, "loss_after",
+               "sinusoid_first_vs_second_order.png", "Sinusoid K = 5")
+    print("\n## omniglot\n")
+    generic(runs, "omniglot", "accuracy", (0, 1, 10), scale=100)
+    order_plot(runs, {"ProtoNets": "omniglot_5w1s_protonets", "FOMAML": "omniglot_5w1s_fomaml",
+                      "MAML": "omniglot_5w1s_maml"}, "accuracy_after",
+               "omniglot_first_vs_second_order.png", "Omniglot 5-way 1-shot")
+    print("\n## words_lm\n")
+    generic(runs, "words_lm", "bits_per_byte", (0, 1, 5, 20))
+    order_plot(runs, {"MAML (2nd order)": "words_lm_maml", "FOMAML": "words_lm_fomaml",
+                      "pretrain": "words_lm_pretrain"}, "loss_after",
+               "words_lm_first_vs_second_order.png", "Byte LM, held-out-family languages")
+    print("\n## words_langid\n")
+    generic(runs, "words_langid", "accuracy", (0, 1, 5, 10), scale=100)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parent / "runs")

@@ -1,0 +1,119 @@
+"""Every experiment config's tiny variant, end to end through the CLI: train, then eval."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metajax import cli
+from metajax.experiment import experiment_names, load_config
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+QUIET = ["--no-progress"]
+
+
+def _eval(workdir):
+    return json.loads((Path(workdir) / "eval.json").read_text())
+
+
+def _train(spec, workdir, *overrides):
+    args = ["train", spec, "--workdir", str(workdir), *QUIET]
+    if overrides:
+        args += ["--set", *overrides]
+    assert cli.main(args) == 0
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(r["loss_after"]) for r in rows)
+    return _eval(workdir)
+
+
+def test_every_config_file_is_listed_and_has_a_tiny_variant():
+    names = experiment_names()
+    for name in ("sinusoid", "omniglot", "words_lm", "words_langid"):
+        assert name in names
+        assert load_config(f"{name}:tiny").train.steps <= 20
+
+
+def _module(name):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_named_omniglot_variant_loads_with_its_algorithm():
+    variants = _module("omniglot").variants()
+    assert len(variants) == 5 + 2 * 15
+    for v in variants:
+        c = load_config(f"omniglot:{v}")
+        ways = c.task.ways
+        assert c.name.startswith("omniglot_")
+        if "protonets" in v:
+            assert c.eval.inner_steps == 0 and dict(c.algorithm.options)["ways"] == ways
+        if v.endswith("_gpu"):
+            assert c.task.filters == 64 and c.train.steps == 60_000
+    with pytest.raises(Exception, match="variant"):
+        load_config("omniglot:5w2s_maml")
+
+
+@pytest.mark.parametrize(("k", "algo"), [(5, "maml"), (10, "fomaml"), (20, "reptile"),
+                                         (5, "pretrain")])
+def test_sinusoid_variants(k, algo):
+    c = load_config(f"sinusoid:k{k}_{algo}")
+    assert c.task.shots == k and c.algorithm.name == algo
+    assert c.train.meta_batch == 25 and c.task.hidden == (40, 40)
+
+
+def test_sinusoid_tiny_pretrain(tmp_path):
+    result = _train("sinusoid:tiny", tmp_path / "s", "algorithm.name=pretrain")
+    loss = result["metrics"]["loss"]
+    assert result["adaptation_steps"] == [0, 1, 2] and all(c > 0 for c in loss["ci95"])
+    # Sinusoid amplitudes are U[0.1, 5]: a near-zero function's MSE is about E[A^2]/2 ~ 4.2.
+    assert 1.0 < loss["mean"][0] < 10.0
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny_protonets"])
+def test_omniglot_tiny(tmp_path, variant):
+    result = _train(f"omniglot:{variant}", tmp_path / variant)
+    acc, loss = result["metrics"]["accuracy"], result["metrics"]["loss"]
+    assert result["num_tasks"] == 8
+    assert all(0.0 <= a <= 1.0 for a in acc["mean"])
+    # Four meta-steps from a random init: still close to chance, cross-entropy near log 5.
+    assert abs(loss["mean"][0] - math.log(5)) < 0.6
+    if variant == "tiny_protonets":
+        assert result["adaptation_steps"] == [0]
+    else:
+        assert result["adaptation_steps"] == [0, 1, 2]
+        assert loss["mean"][2] < loss["mean"][0]  # adaptation fits the support set
+
+
+def test_words_lm_tiny(tmp_path):
+    # The pretrain variant: the cheapest Transformer compile that still runs the whole path
+    # (the second-order one is covered by the Transformer MAML tests and by langid below).
+    result = _train("words_lm:tiny_pretrain", tmp_path / "lm")
+    loss, bpb = result["metrics"]["loss"], result["metrics"]["bits_per_byte"]
+    # An almost untrained byte LM predicts nearly uniformly over 259 tokens.
+    assert abs(loss["mean"][0] - math.log(259)) < 0.3
+    # Bits per byte counts EOS information over byte targets only: above nats / ln 2.
+    assert bpb["mean"][0] > loss["mean"][0] / math.log(2)
+    assert loss["mean"][2] < loss["mean"][0]  # fine-tuning fits the language
+
+
+def test_words_langid_tiny(tmp_path):
+    langid = _train("words_langid:tiny", tmp_path / "id")
+    acc = langid["metrics"]["accuracy"]["mean"]
+    assert len(acc) == 3 and all(0.0 <= a <= 1.0 for a in acc)
+    assert abs(langid["metrics"]["loss"]["mean"][0] - math.log(3)) < 0.5
+
+
+@pytest.mark.parametrize("spec", ["words_lm:maml", "words_lm:reptile", "words_lm:pretrain_gpu",
+                                  "words_langid:5w5s_fomaml", "words_langid:5w1s_reptile_gpu"])
+def test_language_configs(spec):
+    c = load_config(spec)
+    algo = spec.split(":")[1].split("_")[-2 if spec.endswith("_gpu") else -1]
+    assert c.algorithm.name == algo and c.task.max_len == 24
+    assert c.task.width == (256 if spec.endswith("_gpu") else 64)
+    if algo == "reptile":  # several inner steps, outer SGD on the pseudo-gradient
+        assert c.algorithm.inner_steps >= 5 and c.optimizer.name == "sgd"
