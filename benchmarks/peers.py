@@ -35,7 +35,8 @@ def compare(size: dict, repeats: int, algorithm, measure_step) -> list[dict]:
         for task_batch in (None, 1):
             row = {"case": "transformer", "algorithm": order, "implementation": "metajax",
                    "task_batch": task_batch}
-            row.update(measure_step(algorithm(order, case, task_batch=task_batch), case, repeats))
+            row.update(measure_step(algorithm(order, case, task_batch=task_batch), case, repeats,
+                                    task_batch=task_batch))
             ours.append(row)
         best = min(r["median_s"] for r in ours)
         for r in ours:

@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,8 +54,13 @@ def algorithm(name: str, case: cases.Case, **kw) -> mj.MetaLearner:
     raise ValueError(f"unknown algorithm {name!r}")
 
 
-def measure_step(algo, case: cases.Case, repeats: int, peak: float | None = None) -> dict:
-    """Compile stats and median time of one whole training step (meta-grad + Adam)."""
+def measure_step(algo, case: cases.Case, repeats: int, peak: float | None = None,
+                 task_batch: int | None = None) -> dict:
+    """Compile stats and median time of one whole training step (meta-grad + Adam).
+
+    With ``task_batch`` the tasks run in a ``lax.scan`` whose body XLA's cost analysis counts
+    once, so FLOPs are scaled by the number of task groups.
+    """
     optimizer = optax.adam(1e-3)
     step = mj.make_train_step(algo, optimizer)
     # The step donates its state: give it a copy, the case's params are used again.
@@ -67,6 +73,8 @@ def measure_step(algo, case: cases.Case, repeats: int, peak: float | None = None
         return metrics
 
     stats.update(time_calls(run, warmup=1, repeats=repeats))
+    if task_batch:
+        stats["flops"] *= jax.tree.leaves(case.tasks)[0].shape[0] // task_batch
     if peak:
         stats["flops_per_s"] = stats["flops"] / stats["median_s"]
         stats["fraction_of_matmul_peak"] = stats["flops_per_s"] / peak
@@ -85,7 +93,8 @@ def suite_standard(args, peak) -> list[dict]:
         variants = [("maml", {}), ("imaml", {"task_batch": 1})]
     for name, kw in variants:
         row = {"case": "transformer", "algorithm": name, **kw}
-        row.update(measure_step(algorithm(name, case, **kw), case, args.repeats, peak))
+        row.update(measure_step(algorithm(name, case, **kw), case, args.repeats, peak,
+                                kw.get("task_batch")))
         rows.append(row)
         print(report.row_line(row), flush=True)
     return rows
@@ -100,7 +109,8 @@ def suite_convnet(args, peak) -> list[dict]:
                                   filters=8 if args.smoke else 64)
         for name in ("maml",) if args.smoke else ("maml", "fomaml"):
             row = {"case": case.name, "algorithm": name, "task_batch": 1}
-            row.update(measure_step(algorithm(name, case, task_batch=1), case, args.repeats, peak))
+            row.update(measure_step(algorithm(name, case, task_batch=1), case, args.repeats, peak,
+                                    task_batch=1))
             rows.append(row)
             print(report.row_line(row), flush=True)
     return rows
@@ -127,6 +137,7 @@ def suite_inner_steps(args, peak) -> list[dict]:
                 row = {"case": "transformer-64", "algorithm": order, "remat": remat,
                        "inner_steps": steps}
                 row.update(measure_step(algo, case, max(3, args.repeats // 3)))
+                row.pop("flops")  # one scan body's count: meaningless here (see docstring)
                 rows.append(row)
                 print(report.row_line(row), flush=True)
     return rows
@@ -141,7 +152,7 @@ def suite_meta_batch(args, peak) -> list[dict]:
             row = {"case": "transformer", "algorithm": "maml", "tasks": tasks,
                    "task_batch": task_batch}
             row.update(measure_step(algorithm("maml", case, task_batch=task_batch), case,
-                                    max(3, args.repeats // 3), peak))
+                                    max(3, args.repeats // 3), peak, task_batch))
             rows.append(row)
             print(report.row_line(row), flush=True)
     return rows
@@ -156,7 +167,7 @@ def suite_model_size(args, peak) -> list[dict]:
         for name in ("fomaml",) if args.smoke else ("maml", "fomaml"):
             row = {"case": f"transformer-{width}", "algorithm": name, "width": width}
             row.update(measure_step(algorithm(name, case, task_batch=1), case,
-                                    max(3, args.repeats // 3), peak))
+                                    max(3, args.repeats // 3), peak, task_batch=1))
             rows.append(row)
             print(report.row_line(row), flush=True)
     return rows
@@ -175,7 +186,7 @@ def suite_compile_cache(args, peak) -> list[dict]:
 
     Runs ``benchmarks/compile_probe.py`` twice in fresh processes sharing a fresh cache dir.
     """
-    cache = Path(args.out) / "jax_cache_probe"
+    cache = Path(tempfile.mkdtemp(prefix="metajax-compile-probe-"))
     env = {**os.environ, "METAJAX_BENCH_CACHE": str(cache), "PYTHONPATH": str(Path.cwd())}
     rows = []
     for label in ("cold", "from_cache"):

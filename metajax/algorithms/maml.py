@@ -57,8 +57,8 @@ def maml(
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``,
         reported before and after adaptation (e.g. accuracy).
       task_batch: tasks vmapped at once; None vmaps the whole meta-batch, a
-        divisor of it loops over groups with ``lax.scan`` (less memory; faster
-        on CPU). The result is the same mean over tasks.
+        divisor of it loops over groups with ``lax.scan`` (less memory, a
+        little more time). The result is the same mean over tasks.
 
     Returns:
       A :class:`MetaLearner`; ``meta_params`` are the model's parameters.
