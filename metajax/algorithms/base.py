@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metajax.inner import check_learning_rate
+from metajax.inner import adapt_trace, check_learning_rate
 from metajax.types import Batch, LossFn, MetricFn, Params, PyTree, Task
 
 MetaParams = PyTree
@@ -222,3 +222,18 @@ def full_like_rates(params: Params, value: Any, steps: int | None = None) -> PyT
         return jnp.full(shape, value, p.dtype)
 
     return jax.tree.map(leaf, params)
+
+
+def fixed_inner_loop(loss_fn: LossFn, inner_steps: int, **adapt_kwargs):
+    """``(adapt, adapt_trace)`` of the MetaLearner shape for an inner rule with no meta-learned
+    parts: ``adapt_kwargs`` go to :func:`metajax.adapt_trace` as they are, and ``steps``
+    overrides ``inner_steps``."""
+
+    def _adapt_trace(params, support, trace_fn=None, *, steps=None):
+        steps = inner_steps if steps is None else steps
+        return adapt_trace(loss_fn, params, support, steps=steps, trace_fn=trace_fn, **adapt_kwargs)
+
+    def _adapt(params, support, *, steps=None):
+        return _adapt_trace(params, support, steps=steps)[0]
+
+    return _adapt, _adapt_trace

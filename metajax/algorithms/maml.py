@@ -12,11 +12,11 @@ from metajax.algorithms.base import (
     check_inner_rule,
     check_positive_int,
     check_tasks,
+    fixed_inner_loop,
     grad_of_mean_task_loss,
     mean_over_task_batches,
     query_metrics,
 )
-from metajax.inner import adapt_trace
 from metajax.types import LossFn, MetricFn, PyTree
 
 
@@ -66,23 +66,16 @@ def maml(
     inner_steps = check_positive_int("inner_steps", inner_steps)
     check_inner_rule(inner_lr, inner_optimizer)
 
-    def _adapt_trace(params, support, trace_fn=None, *, steps=None):
-        return adapt_trace(
-            loss_fn,
-            params,
-            support,
-            steps=inner_steps if steps is None else steps,
-            trace_fn=trace_fn,
-            lr=inner_lr,
-            optimizer=inner_optimizer,
-            first_order=first_order,
-            remat=remat,
-            mask=mask,
-            unroll=unroll,
-        )
-
-    def _adapt(params, support, *, steps=None):
-        return _adapt_trace(params, support, steps=steps)[0]
+    _adapt, _adapt_trace = fixed_inner_loop(
+        loss_fn,
+        inner_steps,
+        lr=inner_lr,
+        optimizer=inner_optimizer,
+        first_order=first_order,
+        remat=remat,
+        mask=mask,
+        unroll=unroll,
+    )
 
     def task_loss(params, task):
         adapted = _adapt(params, task.support)
