@@ -13,10 +13,10 @@ from metajax.algorithms.base import (
     check_inner_rule,
     check_positive_int,
     check_tasks,
+    fixed_inner_loop,
     mean_over_tasks,
     query_metrics,
 )
-from metajax.inner import adapt_trace
 from metajax.types import Batch, LossFn, MetricFn, PyTree
 
 
@@ -65,15 +65,15 @@ def pretrain(
     inner_steps = check_positive_int("inner_steps", inner_steps)
     check_inner_rule(inner_lr, inner_optimizer)
 
-    def _adapt_trace(params, support, trace_fn=None, *, steps=None):
-        return adapt_trace(
-            loss_fn, params, support, steps=inner_steps if steps is None else steps,
-            trace_fn=trace_fn, lr=inner_lr, optimizer=inner_optimizer,
-            first_order=True, mask=mask, unroll=unroll,
-        )
-
-    def _adapt(params, support, *, steps=None):
-        return _adapt_trace(params, support, steps=steps)[0]
+    _adapt, _adapt_trace = fixed_inner_loop(
+        loss_fn,
+        inner_steps,
+        lr=inner_lr,
+        optimizer=inner_optimizer,
+        first_order=True,
+        mask=mask,
+        unroll=unroll,
+    )
 
     def meta_grad(params, tasks):
         check_tasks(tasks)
