@@ -69,7 +69,7 @@ def get_config(variant: str = "") -> Config:
         train = TrainConfig(steps=20_000, meta_batch=32, log_every=100, checkpoint_every=2_000)
     else:
         task = WordsTask(ways=ways, shots=shots, queries=5)
-        train = TrainConfig(steps=1_500, meta_batch=8, log_every=50, checkpoint_every=500)
+        train = TrainConfig(steps=600, meta_batch=8, log_every=25, checkpoint_every=200)
     return Config(
         name=f"words_langid_{parts[0]}_{parts[1]}" + ("_gpu" if gpu else ""),
         family="words_langid",

@@ -8,6 +8,7 @@ the state of an optax inner optimizer.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,7 +55,9 @@ def adapt(
       first_order: stop the gradient through the inner gradients (FOMAML):
         ``d adapted / d params`` becomes the identity.
       remat: rematerialise each inner step in the backward pass, so its memory
-        does not hold the activations of every step.
+        does not hold the activations of every step. With ``unroll=False`` the
+        steps are also checkpointed in segments of ``ceil(sqrt(steps))``, so the
+        adapted parameters are kept O(sqrt(steps)) times, not ``steps`` times.
       mask: pytree of Python bools with the structure of ``params`` (or a
         prefix of it). Leaves marked False are not adapted (ANIL).
       unroll: True unrolls the loop in Python (faster to run, slower to compile
@@ -173,11 +176,34 @@ def adapt_trace(
             return c, (trace(c) if trace else None)
 
         first = trace(carry) if trace else None
-        carry, rest = jax.lax.scan(body, carry, jnp.arange(steps))
+        carry, rest = _scan_steps(body, carry, steps, nested=remat)
         stacked = (
             jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest) if trace else None
         )
     return merge(get_active(carry)), stacked
+
+
+def _scan_steps(body: Callable, carry: Any, steps: int, *, nested: bool) -> tuple[Any, Any]:
+    """``lax.scan(body, carry, arange(steps))``; ``nested`` checkpoints segments of steps too.
+
+    With per-step checkpoints alone the backward pass still keeps every step's
+    input carry (the adapted parameters), so memory grows linearly with
+    ``steps``. Two levels (Griewank's sqrt checkpointing) keep one carry per
+    segment of ``ceil(sqrt(steps))`` steps, plus the carries of the one segment
+    being differentiated: O(sqrt(steps)) carries, for one more forward pass of
+    the inner loop.
+    """
+    seg = math.isqrt(steps - 1) + 1 if steps > 1 else 1
+    if not nested or seg >= steps:
+        return jax.lax.scan(body, carry, jnp.arange(steps))
+    n_seg, tail = divmod(steps, seg)
+    segment = jax.checkpoint(lambda c, ks: jax.lax.scan(body, c, ks))
+    carry, outs = jax.lax.scan(segment, carry, jnp.arange(n_seg * seg).reshape(n_seg, seg))
+    outs = jax.tree.map(lambda x: x.reshape(n_seg * seg, *x.shape[2:]), outs)
+    if tail:
+        carry, more = jax.lax.scan(body, carry, jnp.arange(n_seg * seg, steps))
+        outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, more)
+    return carry, outs
 
 
 def mask_by_path(params: Params, pattern: str | Callable[[str], bool]) -> PyTree:

@@ -182,12 +182,22 @@ def test_jit_equals_eager_and_does_not_recompile():
 @pytest.mark.parametrize(
     "variant", [dict(remat=True), dict(unroll=False), dict(remat=True, unroll=False)]
 )
-def test_remat_and_scan_equal_unrolled(variant):
+@pytest.mark.parametrize("steps", [3, 7])
+def test_remat_and_scan_equal_unrolled(variant, steps):
+    # remat with scan checkpoints segments of ceil(sqrt(steps)) steps: 7 steps are two
+    # segments of 3 and a tail of 1. A rate per step catches a step taken out of order.
     params = mlp_init(jax.random.key(17))
     tasks = sine_tasks(jax.random.key(18))
-    base, _ = mj.maml(mse_loss, inner_steps=3, inner_lr=ALPHA).meta_grad(params, tasks)
-    other, _ = mj.maml(mse_loss, inner_steps=3, inner_lr=ALPHA, **variant).meta_grad(params, tasks)
+    lr = ALPHA * jnp.linspace(0.5, 1.5, steps)
+    base, _ = mj.maml(mse_loss, inner_steps=steps, inner_lr=lr).meta_grad(params, tasks)
+    other, _ = mj.maml(mse_loss, inner_steps=steps, inner_lr=lr, **variant).meta_grad(params, tasks)
     assert rel_error(other, base) < 1e-5
+    one = take_task(tasks, 0)
+    want = mj.adapt_trace(mse_loss, params, one.support, steps=steps, lr=lr,
+                          trace_fn=lambda p: mse_loss(p, one.query))[1]
+    got = mj.adapt_trace(mse_loss, params, one.support, steps=steps, lr=lr, **variant,
+                         trace_fn=lambda p: mse_loss(p, one.query))[1]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_adam_inner_loop_matches_finite_differences():
@@ -213,8 +223,8 @@ def test_adam_inner_loop_matches_finite_differences():
 
 
 @pytest.mark.parametrize("name", ["maml", "fomaml", "reptile"])
-@pytest.mark.parametrize("task_batch", [1, 2])
-def test_task_batch_scan_equals_vmap(name, task_batch):
+@pytest.mark.parametrize("task_batch,unroll_tasks", [(1, False), (2, False), (2, True)])
+def test_task_batch_scan_equals_vmap(name, task_batch, unroll_tasks):
     params = mlp_init(jax.random.key(21))
     tasks = sine_tasks(jax.random.key(22))
     make = {
@@ -225,8 +235,22 @@ def test_task_batch_scan_equals_vmap(name, task_batch):
         "reptile": lambda **kw: mj.reptile(mse_loss, inner_steps=2, inner_lr=ALPHA, **kw),
     }[name]
     want, want_metrics = make().meta_grad(params, tasks)
-    got, got_metrics = make(task_batch=task_batch).meta_grad(params, tasks)
+    got, got_metrics = make(task_batch=task_batch, unroll_tasks=unroll_tasks).meta_grad(
+        params, tasks
+    )
     assert rel_error(got, want) < 1e-5
     np.testing.assert_allclose(got_metrics["loss_after"], want_metrics["loss_after"], rtol=1e-5)
     with pytest.raises(ValueError, match="does not divide"):
         make(task_batch=3).meta_grad(params, tasks)
+    with pytest.raises(ValueError, match="needs a task_batch"):
+        make(unroll_tasks=True).meta_grad(params, tasks)
+
+
+def test_unroll_tasks_leaves_no_while_loop():
+    """The reason unroll_tasks exists: XLA:CPU convolutions are slow inside while loops."""
+    params = mlp_init(jax.random.key(23))
+    tasks = sine_tasks(jax.random.key(24))
+    for unroll, loops in ((False, True), (True, False)):
+        algo = mj.maml(mse_loss, inner_steps=2, inner_lr=ALPHA, task_batch=1, unroll_tasks=unroll)
+        hlo = jax.jit(algo.meta_grad).lower(params, tasks).as_text()
+        assert ("stablehlo.while" in hlo) == loops

@@ -25,6 +25,7 @@ def anil(
     unroll: bool = True,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
+    unroll_tasks: bool = False,
 ) -> MetaLearner:
     """Almost No Inner Loop: the inner loop adapts the head, the outer loop learns everything.
 
@@ -55,6 +56,7 @@ def anil(
       unroll: unrolled Python loop (True) or ``lax.scan`` (False).
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
+      unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
 
     Returns:
       A :class:`MetaLearner`; ``meta_params`` are the model's parameters.
@@ -74,6 +76,7 @@ def anil(
             unroll=unroll,
             metric_fn=metric_fn,
             task_batch=task_batch,
+            unroll_tasks=unroll_tasks,
         )
 
     def meta_grad(params, tasks):

@@ -117,11 +117,18 @@ def mean_over_tasks(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
 
 
+def check_unroll_tasks(task_batch: int | None, unroll_tasks: bool) -> None:
+    if unroll_tasks and task_batch is None:
+        raise ValueError("unroll_tasks=True unrolls the loop over task groups: it needs a "
+                         "task_batch (e.g. task_batch=1).")
+
+
 def grad_of_mean_task_loss(
     task_loss: Callable[[MetaParams, Task], tuple[jax.Array, Metrics]],
     meta_params: MetaParams,
     tasks: Task,
     task_batch: int | None = None,
+    unroll_tasks: bool = False,
 ) -> tuple[MetaParams, Metrics]:
     """Gradient of the mean over tasks of ``task_loss``, and the mean metrics.
 
@@ -131,9 +138,10 @@ def grad_of_mean_task_loss(
     inner loop included (second-order MAML, Meta-SGD, MAML++, ProtoNets).
     With ``task_batch``, see :func:`mean_over_task_batches`.
     """
+    check_unroll_tasks(task_batch, unroll_tasks)
     if task_batch is not None:
         per_task = lambda task: jax.grad(task_loss, has_aux=True)(meta_params, task)
-        return mean_over_task_batches(per_task, tasks, task_batch)
+        return mean_over_task_batches(per_task, tasks, task_batch, unroll_tasks)
 
     def mean_loss(mp):
         losses, metrics = jax.vmap(task_loss, in_axes=(None, 0))(mp, tasks)
@@ -143,7 +151,10 @@ def grad_of_mean_task_loss(
 
 
 def mean_over_task_batches(
-    per_task: Callable[[Task], PyTree], tasks: Task, task_batch: int | None = None
+    per_task: Callable[[Task], PyTree],
+    tasks: Task,
+    task_batch: int | None = None,
+    unroll_tasks: bool = False,
 ) -> PyTree:
     """Mean over the task axis of ``per_task(task)``, ``task_batch`` tasks vmapped at a time.
 
@@ -153,7 +164,15 @@ def mean_over_task_batches(
     accumulation): on the standard Transformer case, second-order MAML with
     ``task_batch=1`` needs 7.7x less temporary memory at 1.18x the step time
     (benchmarks/README.md).
+
+    ``unroll_tasks=True`` unrolls that loop (a larger program, compiled more
+    slowly). XLA:CPU runs a convolution inside a while loop without its fast
+    Eigen path (jax-ml/jax#12868, up to 19x slower per convolution), and vmapped
+    per-task weights turn convolutions into slow grouped ones: for ConvNets on
+    a CPU, ``task_batch=1, unroll_tasks=True`` makes the second-order Omniglot
+    step 4x faster than the scan and 6.6x faster than vmap (benchmarks/README.md).
     """
+    check_unroll_tasks(task_batch, unroll_tasks)
     if task_batch is None:
         return mean_over_tasks(jax.vmap(per_task)(tasks))
     num_tasks = jax.tree.leaves(tasks)[0].shape[0]
@@ -173,7 +192,7 @@ def mean_over_task_batches(
     def body(total, group):
         return jax.tree.map(jnp.add, total, group_mean(group)), None
 
-    total, _ = jax.lax.scan(body, zeros, chunked)
+    total, _ = jax.lax.scan(body, zeros, chunked, unroll=bool(unroll_tasks))
     return jax.tree.map(lambda x: x / groups, total)
 
 

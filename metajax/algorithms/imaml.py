@@ -36,6 +36,7 @@ def imaml(
     unroll: bool = True,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
+    unroll_tasks: bool = False,
 ) -> MetaLearner:
     """Implicit MAML: meta-gradient by the implicit function theorem, not by unrolling.
 
@@ -70,6 +71,7 @@ def imaml(
       unroll: unrolled inner loop (True) or ``lax.scan`` (False).
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
+      unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
 
     Returns:
       A :class:`MetaLearner`; ``meta_params`` are the model's parameters and
@@ -122,7 +124,9 @@ def imaml(
 
     def meta_grad(params, tasks):
         check_tasks(tasks)
-        return mean_over_task_batches(lambda task: one_task(params, task), tasks, task_batch)
+        return mean_over_task_batches(
+            lambda task: one_task(params, task), tasks, task_batch, unroll_tasks
+        )
 
     return MetaLearner(
         init=lambda params: params, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace

@@ -32,6 +32,7 @@ def maml(
     unroll: bool = True,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
+    unroll_tasks: bool = False,
 ) -> MetaLearner:
     """Model-Agnostic Meta-Learning (Finn et al., 2017).
 
@@ -59,6 +60,9 @@ def maml(
       task_batch: tasks vmapped at once; None vmaps the whole meta-batch, a
         divisor of it loops over groups with ``lax.scan`` (less memory, a
         little more time). The result is the same mean over tasks.
+      unroll_tasks: with ``task_batch``, unroll the loop over task groups
+        instead of a ``lax.scan`` (the fast form for ConvNets on a CPU; see
+        :func:`metajax.algorithms.base.mean_over_task_batches`).
 
     Returns:
       A :class:`MetaLearner`; ``meta_params`` are the model's parameters.
@@ -84,7 +88,7 @@ def maml(
         )
 
     def second_order_grad(params, tasks):
-        return grad_of_mean_task_loss(task_loss, params, tasks, task_batch)
+        return grad_of_mean_task_loss(task_loss, params, tasks, task_batch, unroll_tasks)
 
     def first_order_grad(params, tasks):
         def one_task(task):
@@ -92,7 +96,7 @@ def maml(
             grads = jax.grad(loss_fn)(adapted, task.query)
             return grads, query_metrics(loss_fn, metric_fn, params, adapted, task.query)
 
-        return mean_over_task_batches(one_task, tasks, task_batch)
+        return mean_over_task_batches(one_task, tasks, task_batch, unroll_tasks)
 
     def meta_grad(params, tasks):
         check_tasks(tasks)

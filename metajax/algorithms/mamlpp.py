@@ -96,6 +96,7 @@ def mamlpp(
     unroll: bool = True,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
+    unroll_tasks: bool = False,
 ) -> MetaLearner:
     """MAML++'s learned rates, multi-step loss and first-order warm-up, each optional.
 
@@ -131,6 +132,7 @@ def mamlpp(
       unroll: unrolled Python loop (True) or ``lax.scan`` (False).
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
+      unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
 
     Returns:
       A :class:`MetaLearner`; metrics add ``mamlpp_step`` (the counter) when it exists.
@@ -197,7 +199,7 @@ def mamlpp(
 
         def grads_with(order_is_first, mp):
             return grad_of_mean_task_loss(
-                partial(task_loss, first_order=order_is_first), mp, tasks, task_batch
+                partial(task_loss, first_order=order_is_first), mp, tasks, task_batch, unroll_tasks
             )
 
         if first_order_until > 0 and not first_order:

@@ -32,6 +32,7 @@ def meta_sgd(
     unroll: bool = True,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
+    unroll_tasks: bool = False,
 ) -> MetaLearner:
     """Meta-SGD: the initialisation and a learning rate per parameter, learned jointly.
 
@@ -64,6 +65,7 @@ def meta_sgd(
       unroll: unrolled Python loop (True) or ``lax.scan`` (False).
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
+      unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
 
     Returns:
       A :class:`MetaLearner`. ``adapt(meta_params, support)`` uses the learned rates.
@@ -100,6 +102,6 @@ def meta_sgd(
 
     def meta_grad(meta_params, tasks):
         check_tasks(tasks)
-        return grad_of_mean_task_loss(task_loss, meta_params, tasks, task_batch)
+        return grad_of_mean_task_loss(task_loss, meta_params, tasks, task_batch, unroll_tasks)
 
     return MetaLearner(init=init, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace)

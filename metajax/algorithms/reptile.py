@@ -29,6 +29,7 @@ def reptile(
     unroll: bool = True,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
+    unroll_tasks: bool = False,
 ) -> MetaLearner:
     """Reptile, with its update expressed as a pseudo-gradient.
 
@@ -47,6 +48,7 @@ def reptile(
       unroll: unrolled Python loop (True) or ``lax.scan`` (False).
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
+      unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
 
     Returns:
       A :class:`MetaLearner`; metrics hold the query loss before and after adaptation.
@@ -71,7 +73,7 @@ def reptile(
             adapted = _adapt(params, task.support)
             return adapted, query_metrics(loss_fn, metric_fn, params, adapted, task.query)
 
-        mean_adapted, metrics = mean_over_task_batches(one_task, tasks, task_batch)
+        mean_adapted, metrics = mean_over_task_batches(one_task, tasks, task_batch, unroll_tasks)
         pseudo_grad = jax.tree.map(lambda p, a: p - a, params, mean_adapted)
         return jax.lax.stop_gradient(pseudo_grad), metrics
 
