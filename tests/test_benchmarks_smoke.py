@@ -32,3 +32,22 @@ def test_benchmark_runner_smoke(tmp_path):
     assert cold["cache"] == "cold" and cached["cache"] == "from_cache"
     assert (tmp_path / "inner_steps.png").stat().st_size > 1000
     assert "| case |" in (tmp_path / "results.md").read_text()
+
+
+def test_profile_step_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_step", "--smoke", "--no-torch", "--repeats",
+         "2", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, check=True, timeout=900,
+    )
+    result = json.loads((tmp_path / "profile.json").read_text())
+    # Every executed kernel was found in the optimised HLO and the matmuls were recognised.
+    categories = result["run"]["categories"]
+    assert categories["matmul"]["ms_per_step"] > 0
+    assert abs(sum(c["fraction"] for c in categories.values()) - 1) < 1e-6
+    assert result["compile"]["fused_kernels_compiled"] > 0
+    assert result["compile"]["phases_s"]["Codegen"] > 0
+    assert result["trace"]["jaxpr_equations"] > 100
+    assert "| matmul |" in (tmp_path / "profile.md").read_text()
