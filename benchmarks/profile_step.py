@@ -7,7 +7,7 @@ Writes ``profile.md`` and ``profile.json``:
 
 - **run**: the jitted metajax training step under ``jax.profiler`` (XLA:CPU reports one event
   per executed kernel), each kernel put in a category by what its HLO computes (matmul,
-  convolution, elementwise fusion, reduction, copy/layout, other); beside it the PyTorch
+  convolution, reduction, transpose/copy, elementwise, other); beside it the PyTorch
   autograd peer under ``torch.profiler`` (if torch is installed), the same categories from aten
   op names. The split answers whether a gap is in the matmuls or around them.
 - **compile**: ``lowered.compile()`` under ``jax.profiler``: XLA's own phases (HLO passes,
@@ -41,7 +41,8 @@ from benchmarks import cases
 from benchmarks.measure import time_calls
 from benchmarks.run import SMOKE, STANDARD, algorithm
 
-CATEGORIES = ("matmul", "convolution", "elementwise", "reduction", "copy/layout", "other")
+# "transpose/copy": a layout change, alone or fused with elementwise work.
+CATEGORIES = ("matmul", "convolution", "reduction", "transpose/copy", "elementwise", "other")
 
 
 def _trace_events(fn, repeats: int) -> list[dict]:
@@ -73,6 +74,8 @@ def _hlo_categories(hlo_text: str) -> dict[str, str]:
             return "convolution"
         if re.search(r" (reduce|reduce-window|select-and-scatter)\(", text):
             return "reduction"
+        if re.search(r" (transpose|copy)\(", text):
+            return "transpose/copy"
         return "elementwise"
 
     out = {}
@@ -93,16 +96,17 @@ def _hlo_categories(hlo_text: str) -> dict[str, str]:
         elif op in ("copy", "transpose", "bitcast", "broadcast", "concatenate", "slice",
                     "dynamic-slice", "dynamic-update-slice", "pad", "reshape", "gather",
                     "scatter", "iota"):
-            out[name] = "copy/layout"
+            out[name] = "transpose/copy"
         else:
             out[name] = "other"
     return out
 
 
-def _split(totals: dict[str, float], per_step: int) -> dict:
+def _split(totals: dict[str, float], counts: dict[str, int], per_step: int) -> dict:
     total = sum(totals.values())
     return {c: {"ms_per_step": totals.get(c, 0.0) / per_step,
-                "fraction": totals.get(c, 0.0) / total if total else 0.0} for c in CATEGORIES}
+                "fraction": totals.get(c, 0.0) / total if total else 0.0,
+                "calls_per_step": counts.get(c, 0) / per_step} for c in CATEGORIES}
 
 
 def profile_run(case, repeats: int) -> dict:
@@ -123,15 +127,16 @@ def profile_run(case, repeats: int) -> dict:
     start = time.perf_counter()
     events = _trace_events(run, repeats)
     wall = (time.perf_counter() - start) / repeats
-    totals, top = collections.Counter(), collections.Counter()
+    totals, counts, top = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:
         name = e["name"].split(":")[0]
         if name in categories:
             totals[categories[name]] += e["dur"] / 1e3
+            counts[categories[name]] += 1
             top[f"{name} ({categories[name]})"] += e["dur"] / 1e3 / repeats
     return {"median_ms_per_step": plain * 1e3,
             "wall_ms_per_step_profiled": wall * 1e3, "kernel_ms_per_step":
-            sum(totals.values()) / repeats, "categories": _split(totals, repeats),
+            sum(totals.values()) / repeats, "categories": _split(totals, counts, repeats),
             "top_kernels_ms": dict(top.most_common(10))}
 
 
@@ -151,7 +156,7 @@ def _torch_category(op: str) -> str | None:
               "aten::index_select", "aten::embedding_dense_backward", "aten::gather",
               "aten::scatter_add_", "aten::index_put_", "aten::_unsafe_view", "aten::fill_",
               "aten::zero_"):
-        return "copy/layout"
+        return "transpose/copy"
     if op.startswith("aten::"):
         return "elementwise"
     return None
@@ -175,16 +180,17 @@ def profile_torch(case, heads: int, repeats: int) -> dict | None:
         for _ in range(repeats):
             step()
     wall = (time.perf_counter() - start) / repeats
-    totals, top = collections.Counter(), collections.Counter()
+    totals, counts, top = collections.Counter(), collections.Counter(), collections.Counter()
     for avg in prof.key_averages():
         category = _torch_category(avg.key)
         if category is not None and avg.self_cpu_time_total > 0:
             totals[category] += avg.self_cpu_time_total / 1e3
+            counts[category] += avg.count
             top[f"{avg.key} ({category})"] += avg.self_cpu_time_total / 1e3 / repeats
     return {"torch_version": torch.__version__, "threads": torch.get_num_threads(),
             "median_ms_per_step": plain * 1e3, "wall_ms_per_step_profiled": wall * 1e3,
             "op_self_ms_per_step": sum(totals.values()) / repeats,
-            "categories": _split(totals, repeats), "top_ops_ms": dict(top.most_common(10))}
+            "categories": _split(totals, counts, repeats), "top_ops_ms": dict(top.most_common(10))}
 
 
 def profile_compile(case) -> dict:
@@ -240,19 +246,20 @@ def _markdown(result: dict) -> str:
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", ""]
     run, torch_run = result["run"], result.get("torch")
     lines += ["## Run: kernel time per step by category", "",
-              "| category | metajax ms/step | metajax share | torch autograd ms/step "
-              "| torch share |",
-              "|---|---|---|---|---|"]
+              "| category | metajax ms/step | share | kernels/step | torch autograd ms/step "
+              "| share | ops/step |",
+              "|---|---|---|---|---|---|---|"]
     for c in CATEGORIES:
         ours = run["categories"][c]
         theirs = torch_run["categories"][c] if torch_run else None
         lines.append(f"| {c} | {ours['ms_per_step']:.1f} | {ours['fraction']:.0%} | "
-                     + (f"{theirs['ms_per_step']:.1f} | {theirs['fraction']:.0%} |"
-                        if theirs else "- | - |"))
-    lines.append(f"| **sum of kernels / ops** | {run['kernel_ms_per_step']:.1f} | | "
-                 + (f"{torch_run['op_self_ms_per_step']:.1f} | |" if torch_run else "- | |"))
-    lines.append(f"| step, not profiled (median) | {run['median_ms_per_step']:.1f} | | "
-                 + (f"{torch_run['median_ms_per_step']:.1f} | |" if torch_run else "- | |"))
+                     f"{ours['calls_per_step']:.0f} | "
+                     + (f"{theirs['ms_per_step']:.1f} | {theirs['fraction']:.0%} | "
+                        f"{theirs['calls_per_step']:.0f} |" if theirs else "- | - | - |"))
+    lines.append(f"| **sum of kernels / ops** | {run['kernel_ms_per_step']:.1f} | | | "
+                 + (f"{torch_run['op_self_ms_per_step']:.1f} | | |" if torch_run else "- | | |"))
+    lines.append(f"| step, not profiled (median) | {run['median_ms_per_step']:.1f} | | | "
+                 + (f"{torch_run['median_ms_per_step']:.1f} | | |" if torch_run else "- | | |"))
     lines += ["", "XLA:CPU runs independent kernels of one step on both cores at once, so the sum "
               "of kernel times can exceed the step time; PyTorch runs ops one after another, "
               "each op multi-threaded. Profiled steps run slower than plain ones."]
