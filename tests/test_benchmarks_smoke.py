@@ -28,6 +28,11 @@ def test_benchmark_runner_smoke(tmp_path):
     # Remat recomputes the inner steps in the backward pass: more FLOPs for the same result.
     plain, remat = sorted(results["suites"]["inner_steps"], key=lambda r: r["remat"])
     assert remat["scan_body_flops"] > plain["scan_body_flops"]
+    # The scanned task loop's FLOPs are scaled by the number of groups; unrolled, XLA counts
+    # every task itself: the two counts of the same work agree.
+    forms = {r["task_loop"]: r for r in results["suites"]["convnet"]}
+    assert set(forms) == {"vmap", "scan", "unrolled"}
+    assert abs(forms["unrolled"]["flops"] / forms["scan"]["flops"] - 1) < 0.1
     cold, cached = results["suites"]["compile_cache"]
     assert cold["cache"] == "cold" and cached["cache"] == "from_cache"
     assert (tmp_path / "inner_steps.png").stat().st_size > 1000
