@@ -113,7 +113,7 @@ def get_config(variant: str = "") -> Config:
         optimizer=optimizer,
         train=train,
         eval=EvalConfig(num_tasks=600, inner_steps=eval_steps, chunk=50 if ways <= 5 else 20,
-                        table_steps=table),
+                        table_steps=table, vmap_tasks=gpu),
     )
 
 

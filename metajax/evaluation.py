@@ -25,7 +25,7 @@ def run_eval(exp: Experiment, meta_params, workdir: Path, *, step: int | None = 
     cfg = exp.config.eval
     per_task = evaluate(exp.algo, meta_params, exp.setup.eval_source, exp.setup.loss_fn,
                         exp.setup.metric_fn, num_tasks=cfg.num_tasks, steps=cfg.inner_steps,
-                        chunk=cfg.chunk)
+                        chunk=cfg.chunk, vmap_tasks=cfg.vmap_tasks)
     result = {
         "config": exp.config.name,
         "checkpoint_step": step,

@@ -84,6 +84,7 @@ class EvalConfig:
     num_tasks: int = 600
     inner_steps: int = 10
     chunk: int = 100
+    vmap_tasks: bool = True  # False: one task at a time (ConvNets on a CPU, see train.evaluate)
     after_train: bool = True
     table_steps: tuple[int, ...] = (0, 1, 5, 10)
 

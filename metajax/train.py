@@ -148,12 +148,15 @@ def evaluate(
     num_tasks: int = 600,
     steps: int = 10,
     chunk: int = 100,
+    vmap_tasks: bool = True,
 ) -> dict[str, np.ndarray]:
     """Query metrics of held-out tasks after 0, 1, ..., ``steps`` adaptation steps.
 
     Tasks ``0 .. num_tasks - 1`` of meta-batch 0 of ``source`` (a TaskSource
     over a held-out split) are adapted with ``algo.adapt_trace``, vmapped over
-    ``chunk`` tasks at a time; nothing is differentiated. Runs on this
+    ``chunk`` tasks at a time (``vmap_tasks=False``: one jitted task after
+    another, the fast form for ConvNets on XLA:CPU, where per-task weights
+    under vmap make grouped convolutions); nothing is differentiated. Runs on this
     process's default device (parameters are fetched to the host first), so it
     needs no collectives.
 
@@ -163,15 +166,21 @@ def evaluate(
     """
     meta_params = jax.device_get(meta_params)
     chunk = max(1, min(chunk, num_tasks))
-    run = _eval_chunk_fn(algo, loss_fn, metric_fn, steps)
+    one_task = _eval_task_fn(algo, loss_fn, metric_fn, steps)
+    run = jax.jit(jax.vmap(one_task, in_axes=(None, 0)) if vmap_tasks else one_task)
     parts = []
     for first in range(0, num_tasks, chunk):
         tasks = source.sample(0, min(chunk, num_tasks - first), first)
-        parts.append(jax.device_get(run(meta_params, tasks)))
+        if vmap_tasks:
+            parts.append(jax.device_get(run(meta_params, tasks)))
+            continue
+        per_task = [run(meta_params, jax.tree.map(lambda x, i=i: x[i], tasks))
+                    for i in range(jax.tree.leaves(tasks)[0].shape[0])]
+        parts.append(jax.device_get(jax.tree.map(lambda *xs: np.stack(xs), *per_task)))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _eval_chunk_fn(algo, loss_fn, metric_fn, steps):
+def _eval_task_fn(algo, loss_fn, metric_fn, steps):
     def one_task(meta_params, task):
         def trace_fn(params):
             out = {"loss": loss_fn(params, task.query)}
@@ -181,7 +190,7 @@ def _eval_chunk_fn(algo, loss_fn, metric_fn, steps):
 
         return algo.adapt_trace(meta_params, task.support, trace_fn, steps=steps)[1]
 
-    return jax.jit(jax.vmap(one_task, in_axes=(None, 0)))
+    return one_task
 
 
 def summarize(per_task: dict[str, np.ndarray]) -> dict[str, dict[str, list[float]]]:

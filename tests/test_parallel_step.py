@@ -129,14 +129,16 @@ def test_unknown_parallel_mode():
         make_train_step(ALGOS["maml"](), optax.sgd(1.0), parallel="shard_map")
 
 
-def test_evaluate_step_zero_is_unadapted_loss():
+@pytest.mark.parametrize("vmap_tasks", [True, False])
+def test_evaluate_step_zero_is_unadapted_loss(vmap_tasks):
     from metajax.tasks.sinusoid import Sinusoid
     from metajax.train import evaluate, summarize
 
     algo = ALGOS["maml"]()
     params = mlp_init(jax.random.key(0))
     source = Sinusoid(shots=5, queries=7, split="test")
-    per_task = evaluate(algo, params, source, mse_loss, num_tasks=10, steps=3, chunk=4)
+    per_task = evaluate(algo, params, source, mse_loss, num_tasks=10, steps=3, chunk=4,
+                        vmap_tasks=vmap_tasks)
     assert per_task["loss"].shape == (10, 4)
     tasks = source.sample(0, 10)
     direct = jax.jit(jax.vmap(mse_loss, in_axes=(None, 0)))(params, tasks.query)
