@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 # Columns shown in the tables, in order, with their formats; missing ones are left out.
 COLUMNS = [
     ("case", "{}"), ("algorithm", "{}"), ("implementation", "{}"), ("task_batch", "{}"),
+    ("task_loop", "{}"),
     ("tasks", "{}"), ("width", "{}"), ("inner_steps", "{}"), ("remat", "{}"), ("cache", "{}"),
     ("median_s", "{:.4f}"), ("ratio_to_metajax", "{:.2f}"), ("grad_rel_diff", "{:.1e}"),
     ("compile_s", "{:.1f}"), ("trace_lower_s", "{:.1f}"), ("flops", "{:.3g}"),
