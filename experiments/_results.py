@@ -145,10 +145,11 @@ def main(runs: Path) -> None:
                       "Reptile": "sinusoid_k5_reptile"}, "loss_after",
                "sinusoid_first_vs_second_order.png", "Sinusoid K = 5")
     print("\n## omniglot\n")
-    generic(runs, "omniglot", "accuracy", (0, 1, 10), scale=100)
-    order_plot(runs, {"ProtoNets": "omniglot_5w1s_protonets", "FOMAML": "omniglot_5w1s_fomaml",
-                      "MAML": "omniglot_5w1s_maml"}, "accuracy_after",
-               "omniglot_first_vs_second_order.png", "Omniglot 5-way 1-shot")
+    generic(runs, "omniglot", "accuracy", (0, 1, 3, 10), scale=100)
+    order_plot(runs, {"MAML (2nd order)": "omniglot_5w1s_maml", "FOMAML": "omniglot_5w1s_fomaml",
+                      "ANIL (2nd order, head)": "omniglot_5w1s_anil",
+                      "Reptile": "omniglot_5w1s_reptile", "ProtoNets": "omniglot_5w1s_protonets"},
+               "accuracy_after", "omniglot_first_vs_second_order.png", "Omniglot 5-way 1-shot")
     print("\n## words_lm\n")
     generic(runs, "words_lm", "bits_per_byte", (0, 1, 5, 20))
     order_plot(runs, {"MAML (2nd order)": "words_lm_maml", "FOMAML": "words_lm_fomaml",
@@ -156,6 +157,9 @@ def main(runs: Path) -> None:
                "words_lm_first_vs_second_order.png", "Byte LM, held-out-family languages")
     print("\n## words_langid\n")
     generic(runs, "words_langid", "accuracy", (0, 1, 5, 10), scale=100)
+    order_plot(runs, {"MAML (2nd order)": "words_langid_5w1s_maml",
+                      "FOMAML": "words_langid_5w1s_fomaml"}, "accuracy_after",
+               "words_langid_first_vs_second_order.png", "Language ID, 5-way 1-shot")
 
 
 if __name__ == "__main__":
