@@ -9,16 +9,16 @@ Variants: ``<setting>_<algorithm>[_gpu]`` with setting ``5w1s``, ``5w5s`` or ``2
 algorithm ``maml`` (second order), ``fomaml``, ``reptile``, ``anil`` or ``protonets``;
 ``""`` is ``5w1s_maml``; ``tiny`` (MAML) and ``tiny_<algorithm>`` are seconds-long smoke tests.
 
-- CPU-sized (default): 32 filters, meta-batch 8, 5 query drawings per class; 1000 meta-steps
-  for ProtoNets, 2000 for the gradient-based methods.
-  Command: ``metajax train omniglot:5w1s_protonets --workdir runs/omniglot_5w1s_protonets``.
-  Measured on a shared 2-core CPU (experiments/RESULTS.md): ProtoNets runs at about 1 to 2
-  meta-steps/s (1000 steps: about 16 minutes, evaluation 20 s) and reaches 94.3 ± 0.6%
-  5-way 1-shot accuracy on 600 tasks of the two held-out alphabets. The gradient-based
-  methods are far slower on a CPU, because ``vmap`` over per-task ConvNet weights turns
-  every convolution into a grouped one:
-  second-order MAML measured 0.15 meta-steps/s (2000 steps: about 4 hours), FOMAML about
-  0.5 (about 1 hour); those are overnight CPU runs or GPU runs, not yet measured.
+- CPU-sized (default): 32 filters, meta-batch 8, 5 query drawings per class; 2000 meta-steps
+  for the 5-way gradient-based methods, 1000 for 20-way and for ProtoNets. Tasks run one at a
+  time in an unrolled loop and evaluation adapts one jitted task at a time (the fast forms for
+  ConvNets on XLA:CPU; benchmarks/README.md).
+  Command: ``metajax train omniglot:5w1s_maml --workdir runs/omniglot_5w1s_maml``.
+  Measured on the shared 2-core CPU (experiments/RESULTS.md), 5-way 1-shot accuracy on 600
+  tasks of the two held-out alphabets after 10 steps, and the run's wall-clock: MAML
+  94.0 ± 0.5 % (24 min), ANIL 93.8 ± 0.6 % (17 min), FOMAML 85.3 ± 0.8 % (21 min),
+  ProtoNets 94.3 ± 0.6 % (16 min). A 20-way second-order step (five inner steps) takes about
+  3.2 s: 1000 steps are about an hour.
 - ``_gpu`` (labelled GPU-sized; not run here): the paper's model and budget: 64 filters,
   meta-batch 32 (16 for 20-way), 15 queries, 60000 meta-steps. Expected: the paper's numbers
   (MAML 98.7 / 99.9 / 95.8 % for 5w1s / 5w5s / 20w1s on the full background set); targets on
