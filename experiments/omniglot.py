@@ -16,9 +16,9 @@ algorithm ``maml`` (second order), ``fomaml``, ``reptile``, ``anil`` or ``proton
   Command: ``metajax train omniglot:5w1s_maml --workdir runs/omniglot_5w1s_maml``.
   Measured on the shared 2-core CPU (experiments/RESULTS.md), 5-way 1-shot accuracy on 600
   tasks of the two held-out alphabets after 10 steps, and the run's wall-clock: MAML
-  94.0 ± 0.5 % (24 min), ANIL 93.8 ± 0.6 % (17 min), FOMAML 85.3 ± 0.8 % (21 min),
-  ProtoNets 94.3 ± 0.6 % (16 min). A 20-way second-order step (five inner steps) takes about
-  3.2 s: 1000 steps are about an hour.
+  94.0 ± 0.5 % (24 min; 95.1 ± 0.5 % resumed to 3000 steps), ANIL 93.8 ± 0.6 % (17 min),
+  FOMAML 85.3 ± 0.8 % (21 min), ProtoNets 94.3 ± 0.6 % (16 min). A 20-way second-order
+  step (five inner steps) takes about 3.2 s: 1000 steps are about an hour.
 - ``_gpu`` (labelled GPU-sized; not run here): the paper's model and budget: 64 filters,
   meta-batch 32 (16 for 20-way), 15 queries, 60000 meta-steps. Expected: the paper's numbers
   (MAML 98.7 / 99.9 / 95.8 % for 5w1s / 5w5s / 20w1s on the full background set); targets on
