@@ -164,19 +164,21 @@ def evaluate(
       ``{name: array (num_tasks, steps + 1)}``: the query ``loss`` and every
       ``metric_fn`` entry of each task after each number of steps.
     """
-    meta_params = jax.device_get(meta_params)
     chunk = max(1, min(chunk, num_tasks))
     one_task = _eval_task_fn(algo, loss_fn, metric_fn, steps)
     run = jax.jit(jax.vmap(one_task, in_axes=(None, 0)) if vmap_tasks else one_task)
+    # Via the host (sharded parameters land on this process's device), once, not per task.
+    params = jax.device_put(jax.device_get(meta_params))
     parts = []
     for first in range(0, num_tasks, chunk):
         tasks = source.sample(0, min(chunk, num_tasks - first), first)
         if vmap_tasks:
-            parts.append(jax.device_get(run(meta_params, tasks)))
+            parts.append(jax.device_get(run(params, tasks)))
             continue
-        per_task = [run(meta_params, jax.tree.map(lambda x, i=i: x[i], tasks))
-                    for i in range(jax.tree.leaves(tasks)[0].shape[0])]
-        parts.append(jax.device_get(jax.tree.map(lambda *xs: np.stack(xs), *per_task)))
+        tasks = jax.device_get(tasks)  # slice on the host, not one device op per leaf
+        per_task = jax.device_get([run(params, jax.tree.map(lambda x, i=i: x[i], tasks))
+                                   for i in range(jax.tree.leaves(tasks)[0].shape[0])])
+        parts.append(jax.tree.map(lambda *xs: np.stack(xs), *per_task))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

@@ -167,10 +167,11 @@ def mean_over_task_batches(
 
     ``unroll_tasks=True`` unrolls that loop (a larger program, compiled more
     slowly). XLA:CPU runs a convolution inside a while loop without its fast
-    Eigen path (jax-ml/jax#12868, up to 19x slower per convolution), and vmapped
-    per-task weights turn convolutions into slow grouped ones: for ConvNets on
-    a CPU, ``task_batch=1, unroll_tasks=True`` makes the second-order Omniglot
-    step 4x faster than the scan and 6.6x faster than vmap (benchmarks/README.md).
+    Eigen path (jax-ml/jax#12868, 17x slower per convolution gradient), and
+    vmapped per-task weights turn convolutions into slow grouped ones: for
+    ConvNets on a CPU, ``task_batch=1, unroll_tasks=True`` makes the second-order
+    Omniglot 5-way step 3.2x faster than the scan and 7.2x faster than vmap
+    (benchmarks/README.md).
     """
     check_unroll_tasks(task_batch, unroll_tasks)
     if task_batch is None:
