@@ -30,6 +30,8 @@ for 20-way) in meta-training, 10 steps at evaluation; Adam 1e-3 outer. Reptile (
 (evaluated after 0 steps). Evaluation: 600 test tasks, accuracy with 95% intervals.
 """
 
+import dataclasses
+
 from metajax.experiment import (
     AlgorithmConfig,
     Config,
@@ -49,9 +51,30 @@ ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "protonets")
 CPU_TASK_LOOP = (("task_batch", 1), ("unroll_tasks", True))
 
 
-def _algorithm(algo: str, ways: int, gpu: bool = False
+# Reptile as in Nichol et al. (2018), the openai/supervised-reptile README commands: inner Adam
+# (beta1 = 0) on mini-batches of more drawings per class than a test task has, the outer step
+# annealed linearly to 0. 5w1s uses the transductive command (our evaluation is transductive:
+# batch statistics over the query set, as in MAML). Per setting: train shots, inner batch,
+# inner steps, Adam rate, outer step, meta-batch, evaluation steps.
+REPTILE = {
+    "5w1s": (15, 25, 3, 1e-3, 1.0, 10, 5),
+    "5w5s": (10, 10, 5, 1.5e-3, 0.7, 5, 100),
+    "20w1s": (9, 15, 12, 4.6e-4, 1.0, 3, 97),
+}
+
+
+def _reptile(setting: str, loop: tuple) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
+    _, batch, steps, lr, outer, _, eval_steps = REPTILE[setting]
+    algorithm = AlgorithmConfig(name="reptile", inner_steps=steps, inner_lr=lr,
+                                inner_optimizer="adam", inner_optimizer_args=(("b1", 0.0),),
+                                options=(("inner_batch", batch), *loop))
+    return algorithm, OptimizerConfig(name="sgd", lr=outer, schedule="linear"), eval_steps
+
+
+def _algorithm(algo: str, setting: str, gpu: bool = False
                ) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
     """The algorithm, the outer optimizer and the number of evaluation steps."""
+    ways = SETTINGS[setting][0]
     steps, lr = (1, 0.4) if ways <= 5 else (5, 0.1)
     adam = OptimizerConfig(name="adam", lr=1e-3)
     loop = () if gpu else CPU_TASK_LOOP
@@ -64,8 +87,7 @@ def _algorithm(algo: str, ways: int, gpu: bool = False
         return AlgorithmConfig(name="anil", inner_steps=steps, inner_lr=lr,
                                options=(("head", "head"), *loop)), adam, 10
     if algo == "reptile":
-        return (AlgorithmConfig(name="reptile", inner_steps=5, inner_lr=0.1, options=loop),
-                OptimizerConfig(name="sgd", lr=1.0), 10)
+        return _reptile(setting, loop)
     if algo == "protonets":
         return AlgorithmConfig(name="protonets", options=(("ways", ways),)), adam, 0
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGORITHMS}.")
@@ -74,11 +96,16 @@ def _algorithm(algo: str, ways: int, gpu: bool = False
 def get_config(variant: str = "") -> Config:
     if variant == "tiny" or variant.startswith("tiny_"):
         # A few meta-steps of an 8-filter ConvNet; tiny_<algorithm> for the other algorithms.
-        algorithm, optimizer, eval_steps = _algorithm(variant[5:] or "maml", 5)
+        algo = variant[5:] or "maml"
+        algorithm, optimizer, eval_steps = _algorithm(algo, "5w1s")
+        if algo == "reptile":  # 2 x 2 drawings per class in batches of 5: 2 steps, 1 epoch
+            algorithm = dataclasses.replace(algorithm, inner_steps=2,
+                                            options=(("inner_batch", 5), *CPU_TASK_LOOP))
         return Config(
             name=variant.replace("tiny", "omniglot_tiny"),
             family="omniglot",
-            task=OmniglotTask(ways=5, shots=1, queries=2, filters=8),
+            task=OmniglotTask(ways=5, shots=1, queries=2, filters=8,
+                              train_shots=2 if algo == "reptile" else 0),
             algorithm=algorithm,
             optimizer=optimizer,
             train=TrainConfig(steps=4, meta_batch=8, log_every=2, checkpoint_every=4),
@@ -94,17 +121,24 @@ def get_config(variant: str = "") -> Config:
                          f"<{'|'.join(ALGORITHMS)}>[_gpu] or 'tiny'.")
     setting, algo = parts
     ways, shots = SETTINGS[setting]
-    algorithm, optimizer, eval_steps = _algorithm(algo, ways, gpu)
+    algorithm, optimizer, eval_steps = _algorithm(algo, setting, gpu)
+    train_shots, meta_batch = 0, None
+    if algo == "reptile":
+        train_shots, meta_batch = REPTILE[setting][0], REPTILE[setting][5]
     if gpu:
-        task = OmniglotTask(ways=ways, shots=shots, queries=15, filters=64)
-        train = TrainConfig(steps=60_000, meta_batch=32 if ways <= 5 else 16, log_every=100,
-                            checkpoint_every=5_000)
+        task = OmniglotTask(ways=ways, shots=shots, queries=15, filters=64,
+                            train_shots=train_shots)
+        steps = 100_000 if algo == "reptile" else 60_000
+        train = TrainConfig(steps=steps, meta_batch=meta_batch or (32 if ways <= 5 else 16),
+                            log_every=100, checkpoint_every=5_000)
     else:
-        task = OmniglotTask(ways=ways, shots=shots, queries=5, filters=32)
+        task = OmniglotTask(ways=ways, shots=shots, queries=5, filters=32,
+                            train_shots=train_shots)
         # 20-way steps cost about 4x 5-way ones: 1000 of them keep a run near half an hour.
         steps = 1_000 if algo == "protonets" or ways > 5 else 2_000
-        train = TrainConfig(steps=steps, meta_batch=8, log_every=50, checkpoint_every=250)
-    table = (0, 1, 3, 10) if eval_steps else (0,)
+        train = TrainConfig(steps=steps, meta_batch=meta_batch or 8, log_every=50,
+                            checkpoint_every=250)
+    table = tuple(sorted({0, 1, 3, 10, eval_steps})) if eval_steps else (0,)
     return Config(
         name=f"omniglot_{setting}_{algo}" + ("_gpu" if gpu else ""),
         family="omniglot",

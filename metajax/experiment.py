@@ -43,7 +43,9 @@ class AlgorithmConfig:
     """The meta-learning algorithm: a ``metajax.algorithms`` function name and its arguments.
 
     ``options`` holds extra keyword arguments as ``(("name", value), ...)``,
-    e.g. ``--set 'algorithm.options=(("cg_steps", 5),)'``.
+    e.g. ``--set 'algorithm.options=(("cg_steps", 5),)'``. ``inner_optimizer``
+    names an optax optimizer (``"adam"``) that replaces plain SGD in the inner
+    loop, built as ``optax.<name>(inner_lr, **dict(inner_optimizer_args))``.
     """
 
     name: str = "maml"
@@ -52,6 +54,8 @@ class AlgorithmConfig:
     first_order: bool = False
     remat: bool = False
     options: tuple = ()
+    inner_optimizer: str = ""
+    inner_optimizer_args: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,7 @@ class OptimizerConfig:
     name: str = "adam"
     lr: float = 1e-3
     clip_norm: float = 0.0  # > 0: clip the meta-gradient's global norm first
+    schedule: str = "constant"  # or "linear" / "cosine": lr decays to 0 at train.steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +203,11 @@ def make_algorithm(cfg: AlgorithmConfig, loss_fn: LossFn, metric_fn: MetricFn | 
             kwargs.setdefault(field, value)
         elif value != getattr(defaults, field):
             raise ConfigError(f"algorithm.{field}={value!r}: {cfg.name} takes no {field!r}.")
+    if cfg.inner_optimizer:
+        if "inner_optimizer" not in accepted:
+            raise ConfigError(f"algorithm.inner_optimizer={cfg.inner_optimizer!r}: {cfg.name} "
+                              "takes no inner optimizer.")
+        kwargs.update(inner_rule(cfg))
     if "metric_fn" in accepted:
         kwargs["metric_fn"] = metric_fn
     unknown = set(kwargs) - set(accepted)
@@ -206,18 +216,49 @@ def make_algorithm(cfg: AlgorithmConfig, loss_fn: LossFn, metric_fn: MetricFn | 
     return fn(first, **kwargs)
 
 
+def inner_rule(cfg: AlgorithmConfig) -> dict:
+    """``inner_lr`` (plain SGD) or ``inner_optimizer`` (optax at ``inner_lr``), as keywords."""
+    if not cfg.inner_optimizer:
+        return {"inner_lr": cfg.inner_lr}
+    fn = getattr(optax, cfg.inner_optimizer, None)
+    if not callable(fn):
+        raise ConfigError(f"algorithm.inner_optimizer={cfg.inner_optimizer!r} is not an optax "
+                          "optimizer.")
+    if cfg.inner_lr <= 0:
+        raise ConfigError(f"algorithm.inner_lr={cfg.inner_lr} must be > 0 (it is the learning "
+                          f"rate of optax.{cfg.inner_optimizer}).")
+    try:
+        opt = fn(cfg.inner_lr, **dict(cfg.inner_optimizer_args))
+    except TypeError as e:
+        raise ConfigError(f"algorithm.inner_optimizer_args={cfg.inner_optimizer_args!r}: {e}") \
+            from None
+    return {"inner_lr": None, "inner_optimizer": opt}
+
+
 @register_algorithm("fomaml")
 def _fomaml(cfg, loss_fn, metric_fn):
     return metajax.algorithms.maml(
-        loss_fn, inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr, first_order=True,
-        remat=cfg.remat, metric_fn=metric_fn, **dict(cfg.options))
+        loss_fn, inner_steps=cfg.inner_steps, first_order=True, remat=cfg.remat,
+        metric_fn=metric_fn, **inner_rule(cfg), **dict(cfg.options))
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int = 0) -> optax.GradientTransformation:
+    """The outer optimizer; a ``linear`` or ``cosine`` schedule reaches 0 at ``total_steps``."""
     fn = getattr(optax, cfg.name, None)
     if not callable(fn):
         raise ConfigError(f"optimizer.name={cfg.name!r} is not an optax optimizer.")
-    opt = fn(cfg.lr)
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"optimizer.schedule={cfg.schedule!r}: choose one of {SCHEDULES}.")
+    lr = cfg.lr
+    if cfg.schedule != "constant":
+        if total_steps < 1:
+            raise ConfigError(f"optimizer.schedule={cfg.schedule!r} needs train.steps >= 1.")
+        lr = (optax.linear_schedule(cfg.lr, 0.0, total_steps) if cfg.schedule == "linear"
+              else optax.cosine_decay_schedule(cfg.lr, total_steps))
+    opt = fn(lr)
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm > 0 else opt
 
 
@@ -229,7 +270,7 @@ def build(config: Config) -> Experiment:
                           f"{_suggest(config.family, FAMILIES)}; registered: {sorted(FAMILIES)}.")
     setup = FAMILIES[config.family](config)
     algo = make_algorithm(config.algorithm, setup.loss_fn, setup.metric_fn, setup.embed_fn)
-    return Experiment(config, setup, algo, make_optimizer(config.optimizer))
+    return Experiment(config, setup, algo, make_optimizer(config.optimizer, config.train.steps))
 
 
 def _import_builtin_families() -> None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from metajax.algorithms.protonets import Prototypes, protonet_logits
-from metajax.experiment import Config, Setup, register_family
+from metajax.experiment import Config, ConfigError, Setup, register_family
 from metajax.models.convnet import ConvNet, ConvNetConfig, PureNorm
 
 # The offline zips shipped beside the repository (8 background alphabets).
@@ -33,6 +33,8 @@ class OmniglotTask:
     Attributes:
       ways: N classes per task.
       shots: K support drawings per class.
+      train_shots: support drawings per class in meta-training tasks (0: ``shots``); Reptile
+        trains on more drawings than a test task has (Nichol et al., 2018).
       queries: query drawings per class.
       filters: channels of each conv block (64 in the paper).
       norm: ConvNet normalisation, "batch" (transductive, as in MAML), "layer" or "none".
@@ -49,6 +51,7 @@ class OmniglotTask:
     ways: int = 5
     shots: int = 1
     queries: int = 15
+    train_shots: int = 0
     filters: int = 64
     norm: str = "batch"
     source: str = "zips"
@@ -124,7 +127,9 @@ def omniglot(config: Config) -> Setup:
     common = dict(ways=task.ways, shots=task.shots, queries=task.queries, seed=seed,
                   source=task.source, zip_dir=zip_dir(task), data_dir=task.data_dir,
                   download=task.download, dtype="uint8")
-    train = Omniglot(split="train", **common)
+    if task.train_shots < 0:
+        raise ConfigError(f"task.train_shots={task.train_shots} must be >= 0 (0: task.shots).")
+    train = Omniglot(split="train", **{**common, "shots": task.train_shots or task.shots})
     test = Omniglot(split=task.eval_split, **common)
     return Setup(params, loss_fn, metric_fn, train, test, None,
                  embed_fn=embed.apply, predict_fn=logits_fn)

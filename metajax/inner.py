@@ -35,6 +35,7 @@ def adapt(
     remat: bool = False,
     mask: PyTree | None = None,
     unroll: bool = True,
+    support_per_step: bool = False,
 ) -> Params:
     """Runs ``steps`` inner updates of ``params`` on ``loss_fn(params, support)``.
 
@@ -62,6 +63,9 @@ def adapt(
         prefix of it). Leaves marked False are not adapted (ANIL).
       unroll: True unrolls the loop in Python (faster to run, slower to compile
         for many steps); False uses ``lax.scan``.
+      support_per_step: the support leaves have a leading axis of size ``steps``
+        and step ``k`` fits ``support[k]``: a mini-batched inner loop (Reptile
+        trains on mini-batches of more examples than a test task has).
 
     Returns:
       The adapted parameters, same structure and dtypes as ``params``.
@@ -78,6 +82,7 @@ def adapt(
         mask=mask,
         unroll=unroll,
         trace_fn=None,
+        support_per_step=support_per_step,
     )
     return adapted
 
@@ -95,6 +100,7 @@ def adapt_trace(
     remat: bool = False,
     mask: PyTree | None = None,
     unroll: bool = True,
+    support_per_step: bool = False,
 ) -> tuple[Params, PyTree]:
     """Like :func:`adapt`, also returning ``trace_fn`` of the parameters after each step.
 
@@ -104,6 +110,8 @@ def adapt_trace(
     ``trace_fn=None`` the trace is None.
     """
     _check_steps(steps)
+    if support_per_step:
+        _check_per_step_support(support, steps)
     if (lr is None) == (optimizer is None):
         raise ValueError("adapt needs exactly one of `lr` (plain SGD) or `optimizer` (optax).")
     leaves, treedef = jax.tree.flatten(params)
@@ -120,21 +128,22 @@ def adapt_trace(
     def active_of(full: list) -> list:
         return [x for f, x in zip(flags, full) if f]
 
-    def inner_loss(active: list) -> jax.Array:
-        loss = loss_fn(merge(active), support)
+    def inner_loss(active: list, k) -> jax.Array:
+        batch = jax.tree.map(lambda x: x[k], support) if support_per_step else support
+        loss = loss_fn(merge(active), batch)
         if jnp.ndim(loss) != 0:
             raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(loss)}.")
         return loss
 
-    def inner_grad(active: list) -> list:
-        grads = jax.grad(inner_loss)(active)
+    def inner_grad(active: list, k) -> list:
+        grads = jax.grad(inner_loss)(active, k)
         return jax.lax.stop_gradient(grads) if first_order else grads
 
     if optimizer is None:
 
         def step(carry, k):
             active = carry
-            grads = inner_grad(active)
+            grads = inner_grad(active, k)
             rates = lr_at(k)
             return [(p - r * g).astype(p.dtype) for p, r, g in zip(active, rates, grads)]
 
@@ -146,7 +155,7 @@ def adapt_trace(
         def step(carry, k):
             active, opt_state = carry
             full = jax.tree.leaves(merge(active))
-            active_grads = iter(inner_grad(active))
+            active_grads = iter(inner_grad(active, k))
             grads = [next(active_grads) if f else jnp.zeros_like(x) for f, x in zip(flags, full)]
             grads = jax.tree.unflatten(treedef, grads)
             updates, opt_state = optimizer.update(grads, opt_state, merge(active))
@@ -233,6 +242,13 @@ def path_str(key_path: Sequence[Any]) -> str:
         else:
             parts.append(str(k))
     return "/".join(parts)
+
+
+def _check_per_step_support(support: Batch, steps: int) -> None:
+    for x in jax.tree.leaves(support):
+        if jnp.ndim(x) == 0 or jnp.shape(x)[0] != steps:
+            raise ValueError(f"support_per_step: every support leaf needs a leading axis of size "
+                             f"steps={steps}, got shape {jnp.shape(x)}.")
 
 
 def _check_steps(steps: Any) -> None:

@@ -1,5 +1,6 @@
 """The runner through ``metajax.cli.main``, in-process (8 fake devices): end to end, errors."""
 
+import dataclasses
 import json
 
 import jax
@@ -124,3 +125,44 @@ def test_runner_pmap_path_matches_sharding(tmp_path):
     ]
     assert int(states[1].step) == 3
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *states)
+
+
+def test_inner_optimizer_and_outer_schedule_from_config():
+    base = experiment.AlgorithmConfig(name="reptile", inner_steps=2, inner_lr=0.01,
+                                      inner_optimizer="adam", inner_optimizer_args=(("b1", 0.0),))
+    rule = experiment.inner_rule(base)
+    assert rule["inner_lr"] is None and rule["inner_optimizer"] is not None
+    bad = [
+        ({"inner_optimizer": "adamm"}, "is not an optax optimizer"),
+        ({"inner_lr": -0.01}, "inner_lr=-0.01 must be > 0"),
+        ({"inner_optimizer_args": (("beta1", 0.0),)}, "inner_optimizer_args"),
+        ({"name": "protonets", "inner_steps": 1}, "takes no inner optimizer"),
+    ]
+    loss = lambda p, b: 0.0  # noqa: E731  (never called: building fails first)
+    for change, message in bad:
+        cfg = dataclasses.replace(base, **change)
+        with pytest.raises(ConfigError, match=message):
+            experiment.make_algorithm(cfg, loss, None, embed_fn=loss)
+    # A linear schedule takes the full step first and none at the last step.
+    opt = experiment.make_optimizer(experiment.OptimizerConfig(name="sgd", lr=1.0,
+                                                               schedule="linear"), 4)
+    params, sizes = np.zeros((), np.float32), []
+    state = opt.init(params)
+    for _ in range(4):
+        updates, state = opt.update(np.ones((), np.float32), state, params)
+        sizes.append(float(-updates))
+    np.testing.assert_allclose(sizes, [1.0, 0.75, 0.5, 0.25])
+    with pytest.raises(ConfigError, match="optimizer.schedule='step'"):
+        experiment.make_optimizer(experiment.OptimizerConfig(schedule="step"), 4)
+
+
+def test_fomaml_config_uses_its_inner_optimizer():
+    from toy import mlp_init, mse_loss, sine_tasks
+
+    params, tasks = mlp_init(jax.random.key(0)), sine_tasks(jax.random.key(1))
+    sgd = experiment.AlgorithmConfig(name="fomaml", inner_steps=2, inner_lr=0.05)
+    adam = dataclasses.replace(sgd, inner_optimizer="adam")
+    g_sgd = experiment.make_algorithm(sgd, mse_loss, None).meta_grad(params, tasks)[0]
+    g_adam = experiment.make_algorithm(adam, mse_loss, None).meta_grad(params, tasks)[0]
+    diff = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), g_sgd, g_adam))
+    assert max(diff) > 1e-3

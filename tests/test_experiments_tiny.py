@@ -74,7 +74,7 @@ def test_sinusoid_tiny_pretrain(tmp_path):
     assert 1.0 < loss["mean"][0] < 10.0
 
 
-@pytest.mark.parametrize("variant", ["tiny", "tiny_protonets"])
+@pytest.mark.parametrize("variant", ["tiny", "tiny_protonets", "tiny_reptile"])
 def test_omniglot_tiny(tmp_path, variant):
     result = _train(f"omniglot:{variant}", tmp_path / variant)
     acc, loss = result["metrics"]["accuracy"], result["metrics"]["loss"]

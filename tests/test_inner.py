@@ -150,3 +150,21 @@ def test_input_errors(problem):
         mj.adapt(lambda p, b: mse_loss(p, b) * jnp.ones(2), params, task.support, steps=1, lr=0.1)
     with pytest.raises(ValueError, match="freezes every parameter"):
         mj.adapt(mse_loss, params, task.support, steps=1, lr=0.1, mask=False)
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+def test_support_per_step_fits_one_batch_per_step(problem, unroll):
+    params, task = problem
+    x, y = task.support  # 5 points: steps 0, 1, 2 fit points (0, 1), (2, 3), (4, 0)
+    idx = np.array([[0, 1], [2, 3], [4, 0]])
+    batches = (x[idx], y[idx])
+    got = mj.adapt(mse_loss, params, batches, steps=3, lr=0.2, support_per_step=True,
+                   unroll=unroll)
+    want = params
+    for k in range(3):
+        want = sgd_by_hand(want, (x[idx[k]], y[idx[k]]), [jax.tree.map(lambda _: 0.2, params)])
+    assert rel_error(got, want) < 1e-6
+    # Not the same as fitting the whole support three times.
+    assert rel_error(got, mj.adapt(mse_loss, params, task.support, steps=3, lr=0.2)) > 1e-3
+    with pytest.raises(ValueError, match="leading axis of size steps=4"):
+        mj.adapt(mse_loss, params, batches, steps=4, lr=0.2, support_per_step=True)

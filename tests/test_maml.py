@@ -254,3 +254,41 @@ def test_unroll_tasks_leaves_no_while_loop():
         algo = mj.maml(mse_loss, inner_steps=2, inner_lr=ALPHA, task_batch=1, unroll_tasks=unroll)
         hlo = jax.jit(algo.meta_grad).lower(params, tasks).as_text()
         assert ("stablehlo.while" in hlo) == loops
+
+
+def test_support_minibatches_mix_classes_and_cycle():
+    from metajax.algorithms.reptile import support_minibatches
+
+    labels = np.repeat(np.arange(5), 3)  # class-major, 5 classes x 3 shots
+    x = np.arange(15.0)[:, None]
+    xb, yb = support_minibatches((x, labels), 5, steps=4)
+    assert xb.shape == (4, 5, 1) and yb.shape == (4, 5)
+    for k in range(3):  # each batch: one shot of every class
+        assert sorted(np.asarray(yb[k]).tolist()) == [0, 1, 2, 3, 4]
+    assert sorted(np.asarray(xb[:3]).ravel().tolist()) == list(range(15))  # one epoch
+    np.testing.assert_array_equal(xb[3], xb[0])  # then it starts over
+    with pytest.raises(ValueError, match="inner_batch=4 does not divide the 15"):
+        support_minibatches((x, labels), 4, steps=2)
+
+
+def test_reptile_inner_batch_matches_plain_reference():
+    from metajax.algorithms.reptile import support_minibatches
+
+    params = mlp_init(jax.random.key(8))
+    tasks = sine_tasks(jax.random.key(9), shots=6)
+    inner = optax.adam(0.01, b1=0.0)
+    adapted = []
+    for i in range(4):
+        xb, yb = support_minibatches(take_task(tasks, i).support, 2, steps=4)
+        p, state = params, inner.init(params)
+        for k in range(4):
+            g = jax.grad(mse_loss)(p, (xb[k], yb[k]))
+            updates, state = inner.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        adapted.append(p)
+    expected = jax.tree.map(lambda p, *a: p - sum(a) / 4, params, *adapted)
+    algo = mj.reptile(mse_loss, inner_steps=4, inner_optimizer=inner, inner_batch=2)
+    grads, _ = algo.meta_grad(params, tasks)
+    assert rel_error(grads, expected) < 1e-5
+    full_batch = mj.reptile(mse_loss, inner_steps=4, inner_optimizer=inner)
+    assert rel_error(full_batch.meta_grad(params, tasks)[0], expected) > 1e-2

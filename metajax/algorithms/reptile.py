@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from metajax.algorithms.base import (
@@ -30,6 +32,7 @@ def reptile(
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
+    inner_batch: int | None = None,
 ) -> MetaLearner:
     """Reptile, with its update expressed as a pseudo-gradient.
 
@@ -49,6 +52,10 @@ def reptile(
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
       unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
+      inner_batch: in meta-training, each inner step fits the next ``inner_batch``
+        support examples instead of the whole support (the paper's mini-batches,
+        cycling through the support in epochs); see :func:`support_minibatches`.
+        Test-time adaptation (``adapt``) still fits the whole support each step.
 
     Returns:
       A :class:`MetaLearner`; metrics hold the query loss before and after adaptation.
@@ -56,21 +63,21 @@ def reptile(
     inner_steps = check_positive_int("inner_steps", inner_steps)
     check_inner_rule(inner_lr, inner_optimizer)
 
-    _adapt, _adapt_trace = fixed_inner_loop(
-        loss_fn,
-        inner_steps,
-        lr=inner_lr,
-        optimizer=inner_optimizer,
-        first_order=True,
-        mask=mask,
-        unroll=unroll,
-    )
+    if inner_batch is not None:
+        inner_batch = check_positive_int("inner_batch", inner_batch)
+    rule = dict(lr=inner_lr, optimizer=inner_optimizer, first_order=True, mask=mask, unroll=unroll)
+    _adapt, _adapt_trace = fixed_inner_loop(loss_fn, inner_steps, **rule)
+    _train_adapt, _ = fixed_inner_loop(
+        loss_fn, inner_steps, support_per_step=inner_batch is not None, **rule)
 
     def meta_grad(params, tasks):
         check_tasks(tasks)
 
         def one_task(task):
-            adapted = _adapt(params, task.support)
+            support = task.support
+            if inner_batch is not None:
+                support = support_minibatches(support, inner_batch, inner_steps)
+            adapted = _train_adapt(params, support)
             return adapted, query_metrics(loss_fn, metric_fn, params, adapted, task.query)
 
         mean_adapted, metrics = mean_over_task_batches(one_task, tasks, task_batch, unroll_tasks)
@@ -80,3 +87,28 @@ def reptile(
     return MetaLearner(
         init=lambda params: params, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace
     )
+
+
+def support_minibatches(support, batch_size: int, steps: int):
+    """``steps`` mini-batches of ``batch_size`` support examples, as leaves ``(steps, batch, ...)``.
+
+    Batch ``b`` takes every ``n / batch_size``-th example from ``b`` on, so a class-major
+    support (the samplers' layout: all shots of class 0, then class 1, ...) gives batches
+    that mix classes; step ``k`` uses batch ``k mod (n / batch_size)``, so more steps than
+    batches start another epoch over the same examples.
+    """
+    sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(support)}
+    if len(sizes) != 1:
+        raise ValueError(f"support leaves disagree on the number of examples: {sorted(sizes)}.")
+    (n,) = sizes
+    if n % batch_size:
+        raise ValueError(f"inner_batch={batch_size} does not divide the {n} support examples "
+                         "of a meta-training task.")
+    num_batches = n // batch_size
+    order = np.arange(steps) % num_batches
+
+    def split(x):
+        batches = jnp.swapaxes(x.reshape(batch_size, num_batches, *x.shape[1:]), 0, 1)
+        return batches[order]
+
+    return jax.tree.map(split, support)
