@@ -125,8 +125,10 @@ def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title:
 
 
 def generic(runs: Path, prefix: str, metric: str, steps: tuple[int, ...], scale=1.0) -> None:
-    print("| run | " + " | ".join(f"{metric}, {s} steps" for s in steps) + " | run time |")
-    print("|---|" + "---|" * (len(steps) + 1))
+    """One row per run; the last column is the run's final adaptation step (Reptile: 5 to 100)."""
+    print("| run | meta-steps | " + " | ".join(f"{metric}, {s} steps" for s in steps)
+          + " | last step | run time |")
+    print("|---|---|" + "---|" * (len(steps) + 2))
     for run in sorted(runs.glob(f"{prefix}*")):
         r = load(run)
         if r is None:
@@ -134,7 +136,9 @@ def generic(runs: Path, prefix: str, metric: str, steps: tuple[int, ...], scale=
         m = r["metrics"][metric]
         wall = f"{r['wall_s']:.0f} s" if r["wall_s"] else "-"
         cells = " | ".join(cell(m, s, scale) for s in steps)
-        print(f"| {run.name} | {cells} | {wall} |")
+        last = len(m["mean"]) - 1
+        final = f"{cell(m, last, scale)} ({last})" if last > max(steps) else "-"
+        print(f"| {run.name} | {r['curve'][-1]['step']} | {cells} | {final} | {wall} |")
 
 
 def main(runs: Path) -> None:
@@ -146,20 +150,25 @@ def main(runs: Path) -> None:
                "sinusoid_first_vs_second_order.png", "Sinusoid K = 5")
     print("\n## omniglot\n")
     generic(runs, "omniglot", "accuracy", (0, 1, 3, 10), scale=100)
-    order_plot(runs, {"MAML (2nd order)": "omniglot_5w1s_maml", "FOMAML": "omniglot_5w1s_fomaml",
-                      "ANIL (2nd order, head)": "omniglot_5w1s_anil",
-                      "Reptile": "omniglot_5w1s_reptile", "ProtoNets": "omniglot_5w1s_protonets"},
-               "accuracy_after", "omniglot_first_vs_second_order.png", "Omniglot 5-way 1-shot")
+    for setting, title in (("5w1s", "5-way 1-shot"), ("5w5s", "5-way 5-shot"),
+                           ("20w1s", "20-way 1-shot")):
+        suffix = "" if setting == "5w1s" else f"_{setting}"
+        order_plot(runs, {label: f"omniglot_{setting}_{algo}" for label, algo in (
+            ("MAML (2nd order)", "maml"), ("FOMAML", "fomaml"), ("ANIL (2nd order, head)", "anil"),
+            ("Reptile", "reptile"), ("ProtoNets", "protonets"))},
+            "accuracy_after", f"omniglot{suffix}_first_vs_second_order.png", f"Omniglot {title}")
     print("\n## words_lm\n")
     generic(runs, "words_lm", "bits_per_byte", (0, 1, 5, 20))
     order_plot(runs, {"MAML (2nd order)": "words_lm_maml", "FOMAML": "words_lm_fomaml",
-                      "pretrain": "words_lm_pretrain"}, "loss_after",
+                      "Reptile": "words_lm_reptile", "pretrain": "words_lm_pretrain"}, "loss_after",
                "words_lm_first_vs_second_order.png", "Byte LM, held-out-family languages")
     print("\n## words_langid\n")
     generic(runs, "words_langid", "accuracy", (0, 1, 5, 10), scale=100)
-    order_plot(runs, {"MAML (2nd order)": "words_langid_5w1s_maml",
-                      "FOMAML": "words_langid_5w1s_fomaml"}, "accuracy_after",
-               "words_langid_first_vs_second_order.png", "Language ID, 5-way 1-shot")
+    for shots in (1, 5):
+        order_plot(runs, {label: f"words_langid_5w{shots}s_{algo}" for label, algo in (
+            ("MAML (2nd order)", "maml"), ("FOMAML", "fomaml"), ("Reptile", "reptile"))},
+            "accuracy_after", f"words_langid_5w{shots}s_first_vs_second_order.png",
+            f"Language ID, 5-way {shots}-shot")
 
 
 if __name__ == "__main__":

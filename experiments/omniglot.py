@@ -25,9 +25,12 @@ algorithm ``maml`` (second order), ``fomaml``, ``reptile``, ``anil`` or ``proton
   the 8-alphabet set: at least 95% (5w1s) and 85% (20w1s) for second-order MAML.
 
 Hyper-parameters follow the MAML paper: inner SGD at 0.4, one step for 5-way (5 steps at 0.1
-for 20-way) in meta-training, 10 steps at evaluation; Adam 1e-3 outer. Reptile (Nichol et al.,
-2018): 5 inner steps, outer SGD at 1.0 on the pseudo-gradient. ProtoNets has no inner loop
-(evaluated after 0 steps). Evaluation: 600 test tasks, accuracy with 95% intervals.
+for 20-way) in meta-training, 10 steps at evaluation; Adam 1e-3 outer. Reptile follows the
+openai/supervised-reptile commands of Nichol et al. (2018) (``REPTILE`` below): inner Adam
+with beta1 = 0 on mini-batches of more drawings than a test task has, meta-batch 3 to 10, outer
+SGD on the pseudo-gradient annealed linearly to 0, 5 to 100 Adam steps at evaluation.
+ProtoNets has no inner loop (evaluated after 0 steps). Evaluation: 600 test tasks, accuracy
+with 95% intervals.
 """
 
 import dataclasses
