@@ -64,6 +64,8 @@ def sinusoid_medians(run: Path, steps=(0, 1, 10)) -> list[float]:
 
 def sinusoid(runs: Path) -> None:
     algos = ("maml", "fomaml", "reptile", "pretrain")
+    if not any(runs.glob("sinusoid_k*")):
+        return  # keep the committed figures
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     print("| K | algorithm | MSE, 0 steps | MSE, 1 step | MSE, 10 steps | median 1 / 10 steps "
           "| run time |")
@@ -100,12 +102,16 @@ def sinusoid(runs: Path) -> None:
 
 
 def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title: str) -> None:
-    """Meta-training curves of first- against second-order runs, by step and by wall-clock."""
+    """Meta-training curves of first- against second-order runs, by step and by wall-clock.
+
+    Skipped when none of the runs is in ``runs``, so that regenerating from a partial runs
+    folder leaves the committed figure alone.
+    """
+    found = {label: r for label, name in names.items() if (r := load(runs / name)) is not None}
+    if not found:
+        return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    for label, name in names.items():
-        r = load(runs / name)
-        if r is None:
-            continue
+    for label, r in found.items():
         steps, seconds = curve_time(r["curve"])
         y = np.array([row[metric] for row in r["curve"]])
         a.plot(steps, y, label=label)
