@@ -14,11 +14,15 @@ algorithm ``maml`` (second order), ``fomaml``, ``reptile``, ``anil`` or ``proton
   time in an unrolled loop and evaluation adapts one jitted task at a time (the fast forms for
   ConvNets on XLA:CPU; benchmarks/README.md).
   Command: ``metajax train omniglot:5w1s_maml --workdir runs/omniglot_5w1s_maml``.
-  Measured on the shared 2-core CPU (experiments/RESULTS.md), 5-way 1-shot accuracy on 600
-  tasks of the two held-out alphabets after 10 steps, and the run's wall-clock: MAML
-  94.0 ± 0.5 % (24 min; 95.1 ± 0.5 % resumed to 3000 steps), ANIL 93.8 ± 0.6 % (17 min),
-  FOMAML 85.3 ± 0.8 % (21 min), ProtoNets 94.3 ± 0.6 % (16 min). A 20-way second-order
-  step (five inner steps) takes about 3.2 s: 1000 steps are about an hour.
+  Measured on the shared 2-core CPU (experiments/RESULTS.md), accuracy on 600 tasks of the
+  two held-out alphabets after the evaluation steps, and the run's wall-clock. 5-way 1-shot:
+  MAML 94.0 ± 0.5 % (24 min; 95.1 ± 0.5 % resumed to 3000 steps), ANIL 93.8 ± 0.6 %
+  (17 min), FOMAML 85.3 ± 0.8 % (21 min), Reptile 69.9 ± 1.0 % (27 min), ProtoNets
+  94.3 ± 0.6 % (16 min). 5-way 5-shot at 500 steps (``--set train.steps=500``): MAML
+  97.5 ± 0.3 % (8 min), FOMAML 95.5 ± 0.4 % (5 min), ANIL 95.2 ± 0.5 % (3 min), Reptile
+  93.0 ± 0.5 % (36 min, mostly its 100-step evaluation), ProtoNets 98.1 ± 0.3 % (4 min).
+  20-way 1-shot: MAML 77.9 ± 0.5 % at its 1000 steps (3.2 s per step: about 1.5 hours),
+  ProtoNets 85.8 ± 0.4 % at 500.
 - ``_gpu`` (labelled GPU-sized; not run here): the paper's model and budget: 64 filters,
   meta-batch 32 (16 for 20-way), 15 queries, 60000 meta-steps. Expected: the paper's numbers
   (MAML 98.7 / 99.9 / 95.8 % for 5w1s / 5w5s / 20w1s on the full background set); targets on
