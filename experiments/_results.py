@@ -64,7 +64,7 @@ def sinusoid_medians(run: Path, steps=(0, 1, 10)) -> list[float]:
 
 def sinusoid(runs: Path) -> None:
     algos = ("maml", "fomaml", "reptile", "pretrain")
-    if not any(runs.glob("sinusoid_k*")):
+    if not any((run / "eval.json").is_file() for run in runs.glob("sinusoid_k*")):
         return  # keep the committed figures
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     print("| K | algorithm | MSE, 0 steps | MSE, 1 step | MSE, 10 steps | median 1 / 10 steps "

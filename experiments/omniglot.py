@@ -9,9 +9,9 @@ Variants: ``<setting>_<algorithm>[_gpu]`` with setting ``5w1s``, ``5w5s`` or ``2
 algorithm ``maml`` (second order), ``fomaml``, ``reptile``, ``anil`` or ``protonets``;
 ``""`` is ``5w1s_maml``; ``tiny`` (MAML) and ``tiny_<algorithm>`` are seconds-long smoke tests.
 
-- CPU-sized (default): 32 filters, meta-batch 8, 5 query drawings per class; 2000 meta-steps
-  for the 5-way gradient-based methods, 1000 for 20-way and for ProtoNets. Tasks run one at a
-  time in an unrolled loop and evaluation adapts one jitted task at a time (the fast forms for
+- CPU-sized (default): 32 filters, meta-batch 8 (Reptile: as in ``REPTILE``), 5 query
+  drawings per class; 2000 meta-steps for the 5-way gradient-based methods, 1000 for 20-way
+  and for ProtoNets. Tasks run one at a time in an unrolled loop and evaluation adapts one jitted task at a time (the fast forms for
   ConvNets on XLA:CPU; benchmarks/README.md).
   Command: ``metajax train omniglot:5w1s_maml --workdir runs/omniglot_5w1s_maml``.
   Measured on the shared 2-core CPU (experiments/RESULTS.md), accuracy on 600 tasks of the
@@ -21,10 +21,11 @@ algorithm ``maml`` (second order), ``fomaml``, ``reptile``, ``anil`` or ``proton
   94.3 ± 0.6 % (16 min). 5-way 5-shot at 500 steps (``--set train.steps=500``): MAML
   97.5 ± 0.3 % (8 min), FOMAML 95.5 ± 0.4 % (5 min), ANIL 95.2 ± 0.5 % (3 min), Reptile
   93.0 ± 0.5 % (36 min, mostly its 100-step evaluation), ProtoNets 98.1 ± 0.3 % (4 min).
-  20-way 1-shot: MAML 77.9 ± 0.5 % at its 1000 steps (3.2 s per step: about 1.5 hours),
+  20-way 1-shot: MAML 77.9 ± 0.5 % at its 1000 steps (2.5 s per step alone: about 45 min),
   ProtoNets 85.8 ± 0.4 % at 500.
 - ``_gpu`` (labelled GPU-sized; not run here): the paper's model and budget: 64 filters,
-  meta-batch 32 (16 for 20-way), 15 queries, 60000 meta-steps. Expected: the paper's numbers
+  meta-batch 32 (16 for 20-way), 15 queries, 60000 meta-steps (Reptile: its
+  published 100000, meta-batch as in ``REPTILE``). Expected: the paper's numbers
   (MAML 98.7 / 99.9 / 95.8 % for 5w1s / 5w5s / 20w1s on the full background set); targets on
   the 8-alphabet set: at least 95% (5w1s) and 85% (20w1s) for second-order MAML.
 
@@ -141,7 +142,8 @@ def get_config(variant: str = "") -> Config:
     else:
         task = OmniglotTask(ways=ways, shots=shots, queries=5, filters=32,
                             train_shots=train_shots)
-        # 20-way steps cost about 4x 5-way ones: 1000 of them keep a run near half an hour.
+        # A 20-way second-order step costs about 4x a 5-way one (0.41 against 1.6 steps/s
+        # measured): 1000 of them are about 40 minutes here.
         steps = 1_000 if algo == "protonets" or ways > 5 else 2_000
         train = TrainConfig(steps=steps, meta_batch=meta_batch or 8, log_every=50,
                             checkpoint_every=250)
