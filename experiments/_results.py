@@ -23,6 +23,8 @@ import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results"
+# Runs resumed on a GPU after this meta-step: the wall-clock panel (CPU seconds) stops there.
+GPU_FROM = {"omniglot_20w1s_maml": 2500}
 
 
 def load(run: Path) -> dict | None:
@@ -101,21 +103,45 @@ def sinusoid(runs: Path) -> None:
             shutil.copy(src, OUT / f"{name}_fit.png")
 
 
+def held_out_points(run: Path) -> tuple[list[int], list[float]]:
+    """Held-out accuracy at each evaluated checkpoint (``eval.json`` and earlier ones kept as
+    ``eval_step<N>.json``), after as many adaptation steps as the meta-training inner loop
+    takes, so that the points sit on the same footing as the meta-train curve."""
+    inner = json.loads((run / "config.json").read_text())["algorithm"]["inner_steps"]
+    points = []
+    for path in run.glob("eval*.json"):
+        e = json.loads(path.read_text())
+        if "accuracy" in e["metrics"]:
+            mean = e["metrics"]["accuracy"]["mean"]
+            points.append((e["checkpoint_step"], mean[min(inner, len(mean) - 1)]))
+    points.sort()
+    return [p[0] for p in points], [p[1] for p in points]
+
+
 def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title: str) -> None:
     """Meta-training curves of first- against second-order runs, by step and by wall-clock.
 
     Skipped when none of the runs is in ``runs``, so that regenerating from a partial runs
     folder leaves the committed figure alone.
     """
-    found = {label: r for label, name in names.items() if (r := load(runs / name)) is not None}
+    found = {(label, name): r for label, name in names.items()
+             if (r := load(runs / name)) is not None}
     if not found:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    for label, r in found.items():
+    for (label, name), r in found.items():
         steps, seconds = curve_time(r["curve"])
         y = np.array([row[metric] for row in r["curve"]])
-        a.plot(steps, y, label=label)
-        b.plot(seconds, y, label=label)
+        cpu = steps <= GPU_FROM.get(name, np.inf)
+        (line,) = a.plot(steps, y, label=label)
+        b.plot(seconds[cpu], y[cpu], label=label)
+        if metric == "accuracy_after":
+            held_out = held_out_points(runs / name)
+            a.plot(*held_out, "o--", color=line.get_color(), ms=4, lw=0.8)
+        if not cpu.all():
+            a.axvline(GPU_FROM[name], color=line.get_color(), ls=":", lw=1)
+            a.annotate(" H200 from here", (GPU_FROM[name], y.min()), color=line.get_color(),
+                       fontsize=8)
     a.set_xlabel("meta-train step")
     b.set_xlabel("training wall-clock (s, shared 2-core CPU)")
     a.set_ylabel(f"meta-train {metric} (query, after adaptation)")
@@ -124,6 +150,9 @@ def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title:
         if "loss" in metric:
             ax.set_yscale("log")
     a.legend()
+    if metric == "accuracy_after":
+        a.plot([], [], "ko--", ms=4, lw=0.8, label="held-out test tasks, same inner steps")
+        a.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(OUT / path, dpi=80)
