@@ -140,8 +140,8 @@ def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title:
             a.plot(*held_out, "o--", color=line.get_color(), ms=4, lw=0.8)
         if not cpu.all():
             a.axvline(GPU_FROM[name], color=line.get_color(), ls=":", lw=1)
-            a.annotate(" H200 from here", (GPU_FROM[name], y.min()), color=line.get_color(),
-                       fontsize=8)
+            a.annotate(" H200 from here", (GPU_FROM[name], 0.37), color=line.get_color(),
+                       xycoords=("data", "axes fraction"), fontsize=8)
     a.set_xlabel("meta-train step")
     b.set_xlabel("training wall-clock (s, shared 2-core CPU)")
     a.set_ylabel(f"meta-train {metric} (query, after adaptation)")
@@ -152,7 +152,7 @@ def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title:
     a.legend()
     if metric == "accuracy_after":
         a.plot([], [], "ko--", ms=4, lw=0.8, label="held-out test tasks, same inner steps")
-        a.legend(fontsize=8)
+        a.legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(OUT / path, dpi=80)
