@@ -124,12 +124,12 @@ def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title:
     Skipped when none of the runs is in ``runs``, so that regenerating from a partial runs
     folder leaves the committed figure alone.
     """
-    found = {(label, name): r for label, name in names.items()
-             if (r := load(runs / name)) is not None}
+    found = [(label, name, r) for label, name in names.items()
+             if (r := load(runs / name)) is not None]
     if not found:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    for (label, name), r in found.items():
+    for label, name, r in found:
         steps, seconds = curve_time(r["curve"])
         y = np.array([row[metric] for row in r["curve"]])
         cpu = steps <= GPU_FROM.get(name, np.inf)
@@ -149,10 +149,11 @@ def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title:
         ax.grid(alpha=0.3)
         if "loss" in metric:
             ax.set_yscale("log")
-    a.legend()
     if metric == "accuracy_after":
         a.plot([], [], "ko--", ms=4, lw=0.8, label="held-out test tasks, same inner steps")
         a.legend(fontsize=8, loc="lower right")
+    else:
+        a.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(OUT / path, dpi=80)
