@@ -18,16 +18,17 @@ algorithm ``maml`` (second order), ``fomaml``, ``reptile``, ``anil`` or ``proton
   two held-out alphabets after the evaluation steps, and the run's wall-clock. 5-way 1-shot:
   MAML 94.0 ± 0.5 % (24 min; 95.1 ± 0.5 % resumed to 3000 steps), ANIL 93.8 ± 0.6 %
   (17 min), FOMAML 85.3 ± 0.8 % (21 min), Reptile 69.9 ± 1.0 % (27 min), ProtoNets
-  94.3 ± 0.6 % (16 min). 5-way 5-shot at the configured steps (resumed from 500): MAML
-  98.6 ± 0.2 % (26 min), FOMAML 95.9 ± 0.4 % (15 min), ANIL 97.6 ± 0.4 % (10 min), ProtoNets
-  98.5 ± 0.2 % (8 min); Reptile at 500 steps (``--set train.steps=500``) 93.0 ± 0.5 % (36 min,
-  mostly its 100-step evaluation).
+  94.3 ± 0.6 % (16 min). 5-way 5-shot at the configured steps (resumed from 500; times
+  are both parts, two evaluations included): MAML 98.6 ± 0.2 % (26 min), FOMAML
+  95.9 ± 0.4 % (15 min), ANIL 97.6 ± 0.4 % (10 min), ProtoNets 98.5 ± 0.2 % (8 min);
+  Reptile at 500 steps (``--set train.steps=500``) 93.0 ± 0.5 % (36 min, mostly its
+  100-step evaluation).
   20-way 1-shot: MAML 77.9 ± 0.5 % at its 1000 steps (2.5 s per step alone: about 45 min;
   resumed, Adam 3e-4 after 1500 and 1e-4 after 3500, from step 2500 on an H200 at 19.5
   steps/s: 80.9 ± 0.4 % at 2250, 82.2 ± 0.4 % at 4750, below the 85 % target); at 500 steps
   FOMAML 67.0 ± 0.5 % (13 min; 79.0 ± 0.4 % resumed to 1500), ANIL 73.8 ± 0.5 % (8 min;
-  82.4 ± 0.4 % at 1500), Reptile 33.4 ± 0.5 % (45 min,
-  mostly its 97-step evaluation; 50.3 ± 0.5 % at 3000 steps, 49 min), ProtoNets 85.8 ± 0.4 %.
+  82.4 ± 0.4 % at 1500), Reptile 33.4 ± 0.5 % (45 min, mostly its 97-step evaluation;
+  50.3 ± 0.5 % at 3000 steps, 49 min), ProtoNets 85.8 ± 0.4 %.
 - ``_gpu`` (labelled GPU-sized; not run here): the paper's model and budget: 64 filters,
   meta-batch 32 (16 for 20-way), 15 queries, 60000 meta-steps (Reptile: its published
   100000, 200000 for 20-way, meta-batch as in ``REPTILE``). Expected: the paper's numbers
