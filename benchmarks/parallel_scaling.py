@@ -34,13 +34,14 @@ def _time_steps(hidden, meta_batch, mesh, parallel_mode, repeats, process_local=
     import numpy as np
 
     from metajax import parallel
-    from metajax.experiment import build, load_config
+    from metajax.run.build import build
+    from metajax.run.config_files import load_config
     from metajax.train import make_train_step, place_state, train_state
 
     config = load_config("sinusoid", [f"task.hidden={tuple(hidden)}",
                                       f"train.meta_batch={meta_batch}"])
     exp = build(config)
-    state = train_state(exp.algo, exp.setup.params, exp.optimizer)
+    state = train_state(exp.algo, exp.params, exp.optimizer)
     step = make_train_step(exp.algo, exp.optimizer, mesh=mesh, parallel=parallel_mode)
     if parallel_mode == "pmap":
         state = parallel.replicate(state, jax.local_devices()[: mesh.size])

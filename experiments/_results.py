@@ -53,7 +53,7 @@ def curve_time(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sinusoid_medians(run: Path, steps=(0, 1, 10)) -> list[float]:
-    import metajax.predict as mp
+    from metajax.run import predict as mp
     from metajax.train import evaluate
 
     model = mp.load(run)

@@ -14,26 +14,12 @@ algorithm ``maml`` (second order), ``fomaml``, ``reptile``, ``anil`` or ``proton
   and for ProtoNets. Tasks run one at a time in an unrolled loop and evaluation adapts one
   jitted task at a time (the fast forms for ConvNets on XLA:CPU; benchmarks/README.md).
   Command: ``metajax train omniglot:5w1s_maml --workdir runs/omniglot_5w1s_maml``.
-  Measured on the shared 2-core CPU (experiments/RESULTS.md), accuracy on 600 tasks of the
-  two held-out alphabets after the evaluation steps, and the run's wall-clock. 5-way 1-shot:
-  MAML 94.0 ± 0.5 % (24 min; 95.1 ± 0.5 % resumed to 3000 steps), ANIL 93.8 ± 0.6 %
-  (17 min), FOMAML 85.3 ± 0.8 % (21 min), Reptile 69.9 ± 1.0 % (27 min), ProtoNets
-  94.3 ± 0.6 % (16 min). 5-way 5-shot at the configured steps (resumed from 500; times
-  are both parts, two evaluations included): MAML 98.6 ± 0.2 % (26 min), FOMAML
-  95.9 ± 0.4 % (15 min), ANIL 97.6 ± 0.4 % (10 min), ProtoNets 98.5 ± 0.2 % (8 min);
-  Reptile at 500 steps (``--set train.steps=500``) 93.0 ± 0.5 % (36 min, mostly its
-  100-step evaluation).
-  20-way 1-shot: MAML 77.9 ± 0.5 % at its 1000 steps (2.5 s per step alone: about 45 min;
-  resumed, Adam 3e-4 after 1500 and 1e-4 after 3500, from step 2500 on an H200 at 19.5
-  steps/s: 80.9 ± 0.4 % at 2250, 82.2 ± 0.4 % at 4750, below the 85 % target); at 500 steps
-  FOMAML 67.0 ± 0.5 % (13 min; 79.0 ± 0.4 % resumed to 1500), ANIL 73.8 ± 0.5 % (8 min;
-  82.4 ± 0.4 % at 1500), Reptile 33.4 ± 0.5 % (45 min, mostly its 97-step evaluation;
-  50.3 ± 0.5 % at 3000 steps, 49 min), ProtoNets 85.8 ± 0.4 %.
-- ``_gpu`` (labelled GPU-sized; not run here): the paper's model and budget: 64 filters,
-  meta-batch 32 (16 for 20-way), 15 queries, 60000 meta-steps (Reptile: its published
-  100000, 200000 for 20-way, meta-batch as in ``REPTILE``). Expected: the paper's numbers
-  (MAML 98.7 / 99.9 / 95.8 % for 5w1s / 5w5s / 20w1s on the full background set); targets on
-  the 8-alphabet set: at least 95% (5w1s) and 85% (20w1s) for second-order MAML.
+  Results, run times and the commands that produced them: experiments/RESULTS.md.
+- ``_gpu``: the paper's model and budget: 64 filters, meta-batch 32 (16 for 20-way), 15
+  queries, 60000 meta-steps (Reptile: its published 100000, 200000 for 20-way, meta-batch as
+  in ``REPTILE``), tasks vmapped. Targets on the 8-alphabet set: at least 95% (5w1s) and
+  85% (20w1s) for second-order MAML; the paper reports 98.7 / 99.9 / 95.8 % for
+  5w1s / 5w5s / 20w1s on the full background set.
 
 Hyper-parameters follow the MAML paper: inner SGD at 0.4, one step for 5-way (5 steps at 0.1
 for 20-way) in meta-training, 10 steps at evaluation; Adam 1e-3 outer. Reptile follows the
@@ -46,24 +32,23 @@ with 95% intervals.
 
 import dataclasses
 
-from metajax.experiment import (
+from metajax.run.config import (
     AlgorithmConfig,
     Config,
     EvalConfig,
     OptimizerConfig,
     TrainConfig,
 )
-from metajax.families_omniglot import OmniglotTask
+from metajax.run.families.omniglot import OmniglotTask
 
 SETTINGS = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1)}
 ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "protonets")
 
 
 # One task at a time in an unrolled loop: on a CPU, per-task ConvNet weights under vmap make
-# grouped convolutions and a lax.scan loses XLA's fast convolutions (jax-ml/jax#12868); this
-# form is 4 to 6.6x faster per second-order step (benchmarks/README.md). On a GPU, vmap:
-# there it is the fast form, 2.8x the unrolled loop for the 20-way step on an H200.
-CPU_TASK_LOOP = (("task_batch", 1), ("unroll_tasks", True))
+# grouped convolutions and a lax.scan loses XLA's fast convolutions (jax-ml/jax#12868). On a
+# GPU, vmap is the fast form (benchmarks/README.md has both measurements).
+CPU_TASK_LOOP = {"task_batch": 1, "unroll_tasks": True}
 
 
 # Reptile as in Nichol et al. (2018), the openai/supervised-reptile README commands: inner Adam
@@ -80,11 +65,11 @@ REPTILE = {
 REPTILE_META_ITERS = {"5w1s": 100_000, "5w5s": 100_000, "20w1s": 200_000}
 
 
-def _reptile(setting: str, loop: tuple) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
+def _reptile(setting: str, loop: dict) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
     _, batch, steps, lr, outer, _, eval_steps = REPTILE[setting]
     algorithm = AlgorithmConfig(name="reptile", inner_steps=steps, inner_lr=lr,
                                 inner_optimizer="adam", inner_optimizer_args=(("b1", 0.0),),
-                                options=(("inner_batch", batch), *loop))
+                                inner_batch=batch, **loop)
     return algorithm, OptimizerConfig(name="sgd", lr=outer, schedule="linear"), eval_steps
 
 
@@ -94,19 +79,13 @@ def _algorithm(algo: str, setting: str, gpu: bool = False
     ways = SETTINGS[setting][0]
     steps, lr = (1, 0.4) if ways <= 5 else (5, 0.1)
     adam = OptimizerConfig(name="adam", lr=1e-3)
-    loop = () if gpu else CPU_TASK_LOOP
-    if algo == "maml":
-        return AlgorithmConfig(name="maml", inner_steps=steps, inner_lr=lr, options=loop), adam, 10
-    if algo == "fomaml":
-        return (AlgorithmConfig(name="fomaml", inner_steps=steps, inner_lr=lr, options=loop),
-                adam, 10)
-    if algo == "anil":
-        return AlgorithmConfig(name="anil", inner_steps=steps, inner_lr=lr,
-                               options=(("head", "head"), *loop)), adam, 10
+    loop = {} if gpu else CPU_TASK_LOOP
+    if algo in ("maml", "fomaml", "anil"):
+        return AlgorithmConfig(name=algo, inner_steps=steps, inner_lr=lr, **loop), adam, 10
     if algo == "reptile":
         return _reptile(setting, loop)
     if algo == "protonets":
-        return AlgorithmConfig(name="protonets", options=(("ways", ways),)), adam, 0
+        return AlgorithmConfig(name="protonets"), adam, 0
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGORITHMS}.")
 
 
@@ -116,8 +95,7 @@ def get_config(variant: str = "") -> Config:
         algo = variant[5:] or "maml"
         algorithm, optimizer, eval_steps = _algorithm(algo, "5w1s")
         if algo == "reptile":  # 2 x 2 drawings per class in batches of 5: 2 steps, 1 epoch
-            algorithm = dataclasses.replace(algorithm, inner_steps=2,
-                                            options=(("inner_batch", 5), *CPU_TASK_LOOP))
+            algorithm = dataclasses.replace(algorithm, inner_steps=2, inner_batch=5)
         return Config(
             name=variant.replace("tiny", "omniglot_tiny"),
             family="omniglot",
@@ -151,8 +129,7 @@ def get_config(variant: str = "") -> Config:
     else:
         task = OmniglotTask(ways=ways, shots=shots, queries=5, filters=32,
                             train_shots=train_shots)
-        # A 20-way second-order step costs about 4x a 5-way one (0.41 against 1.6 steps/s
-        # measured): 1000 of them are about 40 minutes here.
+        # A 20-way second-order step costs about 4x a 5-way one: half the steps.
         steps = 1_000 if algo == "protonets" or ways > 5 else 2_000
         train = TrainConfig(steps=steps, meta_batch=meta_batch or 8, log_every=50,
                             checkpoint_every=250)
@@ -169,9 +146,6 @@ def get_config(variant: str = "") -> Config:
     )
 
 
-def variants() -> list[str]:
-    """Every named variant (CPU- and GPU-sized), for listing and tests."""
-    cpu = [f"{s}_{a}" for s in SETTINGS for a in ALGORITHMS]
-    tiny = ["tiny", *(f"tiny_{a}" for a in ALGORITHMS[1:])]
-    return [*tiny, *cpu, *(f"{v}_gpu" for v in cpu)]
+_CPU = [f"{s}_{a}" for s in SETTINGS for a in ALGORITHMS]
+VARIANTS = ("tiny", *(f"tiny_{a}" for a in ALGORITHMS[1:]), *_CPU, *(f"{v}_gpu" for v in _CPU))
 

@@ -14,24 +14,25 @@ e.g. ``sinusoid:k5_maml``, ``sinusoid:k20_pretrain``; ``""``, ``fomaml``, ``rept
 ``tiny``: a few steps of a small MLP for smoke tests (seconds).
 
 Command: ``metajax train sinusoid:k5_maml --workdir runs/sinusoid_k5_maml`` (all twelve:
-``bash experiments/run_sinusoid.sh``). Expected runtime on a shared 2-core CPU: 1.5 to 4 minutes
-each, evaluation included. Expected result (measured, experiments/RESULTS.md): K=5 MAML query
-MSE 0.58 after one step and 0.31 after ten (the paper: about 0.7 and 0.3); K=10 0.34 / 0.11;
-K=20 0.21 / 0.03. The pretrained baseline stays above 1.1 after ten steps at every K.
+``bash experiments/run_sinusoid.sh``); each takes minutes on a CPU. Results and run times:
+experiments/RESULTS.md.
 
 Any field can be changed with ``--set``, e.g. ``--set task.shots=5 train.steps=20000``.
 """
 
 import dataclasses
 
-from metajax.experiment import (
+from metajax.run.config import (
     AlgorithmConfig,
     Config,
     EvalConfig,
     OptimizerConfig,
     TrainConfig,
 )
-from metajax.families import SinusoidTask
+from metajax.run.families.sinusoid import SinusoidTask
+
+VARIANTS = (*(f"k{k}_{a}" for k in (5, 10, 20) for a in ("maml", "fomaml", "reptile",
+                                                            "pretrain")), "tiny")
 
 
 def get_config(variant: str = "") -> Config:

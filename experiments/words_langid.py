@@ -12,27 +12,26 @@ Variants: ``<setting>_<algo>[_gpu]`` with setting ``5w1s`` or ``5w5s`` and algor
 - CPU-sized (default): width 64, 2 blocks; meta-batch 8; 600 meta-steps; inner SGD at 0.4,
   one step in meta-training. Command:
   ``metajax train words_langid:5w1s_maml --workdir runs/words_langid_5w1s_maml``.
-  Measured on the shared 2-core CPU (experiments/RESULTS.md): 340 s in all (training at about
-  3 meta-steps/s, then evaluation); 5-way 1-shot accuracy on 600 test tasks of unseen
-  language families 58.4 ± 1.1 % after one step (MAML), 39.7 ± 0.8 % after one and
-  53.2 ± 1.1 % after ten (FOMAML, 253 s); chance is 20 %.
-- ``_gpu`` (labelled GPU-sized; not run here): width 256, 4 blocks, meta-batch 32,
+  Results and run times: experiments/RESULTS.md.
+- ``_gpu`` (GPU-sized): width 256, 4 blocks, meta-batch 32,
   20000 meta-steps.
 """
 
 import dataclasses
 
-from metajax.experiment import (
+from metajax.run.config import (
     AlgorithmConfig,
     Config,
     EvalConfig,
     OptimizerConfig,
     TrainConfig,
 )
-from metajax.families_words import WordsTask
+from metajax.run.families.words_lm import WordsTask
 
 SETTINGS = {"5w1s": (5, 1), "5w5s": (5, 5)}
 ALGORITHMS = ("maml", "fomaml", "reptile")
+_CPU = [f"{s}_{a}" for s in SETTINGS for a in ALGORITHMS]
+VARIANTS = (*_CPU, *(f"{v}_gpu" for v in _CPU), "tiny", "tiny_fomaml", "tiny_reptile")
 
 
 def _algorithm(algo: str):

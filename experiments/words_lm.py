@@ -12,29 +12,26 @@ labelled GPU-sized model; ``tiny`` / ``tiny_<algo>`` for smoke tests.
 
 - CPU-sized (default): width 64, 2 blocks, 4 heads, words up to 22 bytes; meta-batch 8;
   1500 meta-steps; inner SGD at 0.1, 1 step in meta-training.
-  Command: ``metajax train words_lm:maml --workdir runs/words_lm_maml``.
-  Measured on a shared 2-core CPU (experiments/RESULTS.md), shortened runs: ``maml`` with
-  ``--set train.steps=200`` trained in 166 s (about 1.2 meta-steps/s) plus 400 s of
-  evaluation, and reached 4.14 ± 0.09 query bits per byte on held-out-family languages after
-  20 steps; ``pretrain`` with 600 steps (210 s + 260 s) reached 4.52 ± 0.08 fine-tuned at
-  0.1 and 4.03 ± 0.09 at 0.03 (``--set algorithm.inner_lr=0.03`` at evaluation). The full
-  1500 steps should take about 20 minutes for ``maml`` (not yet run).
-- ``_gpu`` (labelled GPU-sized; not run here): width 256, 4 blocks, meta-batch 32,
+  Command: ``metajax train words_lm:maml --workdir runs/words_lm_maml``; results and run
+  times: experiments/RESULTS.md.
+- ``_gpu`` (GPU-sized): width 256, 4 blocks, meta-batch 32,
   20000 meta-steps, 5 inner steps.
 """
 
 import dataclasses
 
-from metajax.experiment import (
+from metajax.run.config import (
     AlgorithmConfig,
     Config,
     EvalConfig,
     OptimizerConfig,
     TrainConfig,
 )
-from metajax.families_words import WordsTask
+from metajax.run.families.words_lm import WordsTask
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain")
+VARIANTS = (*ALGORITHMS, *(f"{a}_gpu" for a in ALGORITHMS), "tiny",
+            *(f"tiny_{a}" for a in ALGORITHMS[1:]))
 
 
 def algorithm(algo: str, inner_steps: int, inner_lr: float):

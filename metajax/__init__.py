@@ -1,13 +1,18 @@
-"""metajax: gradient-based meta-learning in JAX."""
+"""metajax: gradient-based meta-learning in JAX.
 
-from metajax import parallel, predict
+``import metajax`` gives the primitives (inner loop, algorithms, train step, parallelism).
+The experiment runner lives in :mod:`metajax.run` and is imported only when asked for.
+"""
+
+from metajax import lora, parallel
 from metajax.algorithms import (
     MetaLearner,
     anil,
     imaml,
+    make_meta_learner,
     maml,
     mamlpp,
-    mamlpp_outer_optimizer,
+    mean_over_tasks,
     meta_sgd,
     pretrain,
     protonets,
@@ -28,14 +33,15 @@ __all__ = [
     "anil",
     "evaluate",
     "imaml",
+    "lora",
+    "make_meta_learner",
     "maml",
     "make_train_step",
     "mamlpp",
-    "mamlpp_outer_optimizer",
     "mask_by_path",
+    "mean_over_tasks",
     "meta_sgd",
     "parallel",
-    "predict",
     "pretrain",
     "protonets",
     "reptile",

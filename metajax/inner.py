@@ -8,7 +8,7 @@ the state of an optax inner optimizer.
 
 from __future__ import annotations
 
-import math
+import functools
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
 from metajax.types import Batch, LossFn, Params, PyTree
 
@@ -34,13 +35,15 @@ def adapt(
     first_order: bool = False,
     remat: bool = False,
     mask: PyTree | None = None,
-    unroll: bool = True,
+    unroll: bool = False,
     support_per_step: bool = False,
+    key: jax.Array | None = None,
 ) -> Params:
     """Runs ``steps`` inner updates of ``params`` on ``loss_fn(params, support)``.
 
     Args:
-      loss_fn: pure ``loss_fn(params, batch) -> scalar``.
+      loss_fn: pure ``loss_fn(params, batch) -> scalar``; with ``key``,
+        ``loss_fn(params, batch, key=k) -> scalar``.
       params: the initial parameters (any pytree of float arrays).
       support: one task's support batch (no task axis).
       steps: number of inner updates, ``>= 0``.
@@ -55,17 +58,29 @@ def adapt(
         ``optax.adam(..., eps_root=1e-8)`` (or larger) for finite meta-gradients.
       first_order: stop the gradient through the inner gradients (FOMAML):
         ``d adapted / d params`` becomes the identity.
-      remat: rematerialise each inner step in the backward pass, so its memory
-        does not hold the activations of every step. With ``unroll=False`` the
-        steps are also checkpointed in segments of ``ceil(sqrt(steps))``, so the
-        adapted parameters are kept O(sqrt(steps)) times, not ``steps`` times.
+      remat: recompute each inner step in the backward pass instead of storing
+        its activations; the backward pass then holds one step's activations
+        plus the inner-loop state (parameters, optimizer state) at
+        ``O(sqrt(steps))`` points: steps are checkpointed in segments of about
+        ``sqrt(steps)`` once that saves memory, at the price of one more forward
+        pass of the inner loop. With ``unroll=True`` each checkpoint is a
+        ``jax.custom_vjp`` (see :func:`_tied_checkpoint`), which supports reverse
+        mode (``jax.grad``, ``jax.vjp``, grad of grad) but not ``jax.jvp``; use
+        ``unroll=False`` for forward mode.
       mask: pytree of Python bools with the structure of ``params`` (or a
         prefix of it). Leaves marked False are not adapted (ANIL).
-      unroll: True unrolls the loop in Python (faster to run, slower to compile
-        for many steps); False uses ``lax.scan``.
+      unroll: False (default) runs the steps in a ``lax.scan``: the program,
+        and so trace and compile time, does not grow with ``steps``. True
+        unrolls them in Python: one copy of the step per inner step, compiled
+        more slowly, sometimes faster to run (XLA:CPU runs convolutions inside
+        loops on a slow path, jax-ml/jax#12868).
       support_per_step: the support leaves have a leading axis of size ``steps``
         and step ``k`` fits ``support[k]``: a mini-batched inner loop (Reptile
         trains on mini-batches of more examples than a test task has).
+      key: optional PRNG key (``jax.random.key`` or a legacy ``uint32[2]``
+        key). Inner step ``k`` (from 0) calls ``loss_fn(params, batch,
+        key=jax.random.fold_in(key, k))``, so a loss can use dropout; the same
+        key gives the same result in every form (scan, unrolled, remat, jit).
 
     Returns:
       The adapted parameters, same structure and dtypes as ``params``.
@@ -83,6 +98,7 @@ def adapt(
         unroll=unroll,
         trace_fn=None,
         support_per_step=support_per_step,
+        key=key,
     )
     return adapted
 
@@ -99,8 +115,9 @@ def adapt_trace(
     first_order: bool = False,
     remat: bool = False,
     mask: PyTree | None = None,
-    unroll: bool = True,
+    unroll: bool = False,
     support_per_step: bool = False,
+    key: jax.Array | None = None,
 ) -> tuple[Params, PyTree]:
     """Like :func:`adapt`, also returning ``trace_fn`` of the parameters after each step.
 
@@ -114,6 +131,10 @@ def adapt_trace(
         _check_per_step_support(support, steps)
     if (lr is None) == (optimizer is None):
         raise ValueError("adapt needs exactly one of `lr` (plain SGD) or `optimizer` (optax).")
+    if not isinstance(unroll, (bool, np.bool_)):
+        raise TypeError(f"unroll must be a bool, got {type(unroll).__name__}.")
+    if key is not None:
+        _check_key(key)
     leaves, treedef = jax.tree.flatten(params)
     leaves = [jnp.asarray(x) for x in leaves]
     flags = _mask_flags(mask, params)
@@ -130,7 +151,10 @@ def adapt_trace(
 
     def inner_loss(active: list, k) -> jax.Array:
         batch = jax.tree.map(lambda x: x[k], support) if support_per_step else support
-        loss = loss_fn(merge(active), batch)
+        if key is None:
+            loss = loss_fn(merge(active), batch)
+        else:
+            loss = loss_fn(merge(active), batch, key=jax.random.fold_in(key, k))
         if jnp.ndim(loss) != 0:
             raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(loss)}.")
         return loss
@@ -166,53 +190,162 @@ def adapt_trace(
         carry = (active_of(leaves), optimizer.init(params))
         get_active = lambda c: c[0]
 
-    if remat:
-        # Unrolled steps index rates with a Python int: keep it static.
-        step = jax.checkpoint(step, static_argnums=(1,) if unroll else ())
     trace = (lambda c: trace_fn(merge(get_active(c)))) if trace_fn is not None else None
-
-    if unroll:
-        traces = [trace(carry)] if trace else []
-        for k in range(steps):
-            carry = step(carry, k)
-            if trace:
-                traces.append(trace(carry))
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *traces) if trace else None
-    else:
-
-        def body(c, k):
-            c = step(c, k)
-            return c, (trace(c) if trace else None)
-
-        first = trace(carry) if trace else None
-        carry, rest = _scan_steps(body, carry, steps, nested=remat)
-        stacked = (
-            jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest) if trace else None
-        )
-    return merge(get_active(carry)), stacked
+    run = _run_unrolled if unroll else _run_scanned
+    carry, traces = run(step, carry, steps, remat=remat, trace=trace)
+    return merge(get_active(carry)), traces
 
 
-def _scan_steps(body: Callable, carry: Any, steps: int, *, nested: bool) -> tuple[Any, Any]:
-    """``lax.scan(body, carry, arange(steps))``; ``nested`` checkpoints segments of steps too.
+def _run_scanned(step: Callable, carry: Any, steps: int, *, remat: bool, trace) -> tuple:
+    """``steps`` calls of ``step(carry, k)`` in a ``lax.scan``; returns (carry, stacked trace).
 
-    With per-step checkpoints alone the backward pass still keeps every step's
-    input carry (the adapted parameters), so memory grows linearly with
-    ``steps``. Two levels (Griewank's sqrt checkpointing) keep one carry per
-    segment of ``ceil(sqrt(steps))`` steps, plus the carries of the one segment
-    being differentiated: O(sqrt(steps)) carries, for one more forward pass of
-    the inner loop.
+    With ``remat`` each step is a ``jax.checkpoint`` and, when
+    :func:`_segment_length` says it pays, segments of steps are checkpointed
+    too (Griewank's sqrt checkpointing): an outer scan over segments keeps one
+    state per segment, and the backward pass of a segment recomputes the
+    states of its steps. The recomputation lives inside the backward loop's
+    body, so XLA cannot schedule it early.
     """
-    seg = math.isqrt(steps - 1) + 1 if steps > 1 else 1
-    if not nested or seg >= steps:
-        return jax.lax.scan(body, carry, jnp.arange(steps))
-    n_seg, tail = divmod(steps, seg)
-    segment = jax.checkpoint(lambda c, ks: jax.lax.scan(body, c, ks))
-    carry, outs = jax.lax.scan(segment, carry, jnp.arange(n_seg * seg).reshape(n_seg, seg))
-    outs = jax.tree.map(lambda x: x.reshape(n_seg * seg, *x.shape[2:]), outs)
-    if tail:
-        carry, more = jax.lax.scan(body, carry, jnp.arange(n_seg * seg, steps))
-        outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, more)
-    return carry, outs
+    first = trace(carry) if trace else None
+    one_step = jax.checkpoint(step) if remat else step
+
+    def body(c, k):
+        c = one_step(c, k)
+        return c, (trace(c) if trace else None)
+
+    def scan(c, ks):
+        return jax.lax.scan(body, c, ks)
+
+    seg = _segment_length(steps) if remat else max(steps, 1)
+    if seg >= steps:
+        carry, rest = scan(carry, jnp.arange(steps))
+    else:
+        n_seg, tail = divmod(steps, seg)
+        ks = jnp.arange(n_seg * seg).reshape(n_seg, seg)
+        carry, rest = jax.lax.scan(jax.checkpoint(scan), carry, ks)
+        rest = jax.tree.map(lambda x: x.reshape(n_seg * seg, *x.shape[2:]), rest)
+        if tail:
+            carry, more = scan(carry, jnp.arange(n_seg * seg, steps))
+            rest = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), rest, more)
+    if not trace:
+        return carry, None
+    return carry, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+
+
+def _run_unrolled(step: Callable, carry: Any, steps: int, *, remat: bool, trace) -> tuple:
+    """``steps`` calls of ``step(carry, k)`` unrolled in Python, ``k`` a Python int.
+
+    With ``remat``, the same checkpoint schedule as :func:`_run_scanned`, each
+    checkpoint a :func:`_tied_checkpoint`.
+    """
+    traces = [trace(carry)] if trace else []
+
+    def run(c, ks):
+        outs = []
+        for k in ks:
+            one_step = functools.partial(step, k=k)
+            c = _tied_checkpoint(one_step)(c) if remat else one_step(c)
+            if trace:
+                outs.append(trace(c))
+        return c, outs
+
+    seg = _segment_length(steps) if remat else max(steps, 1)
+    n_seg = steps // seg if seg < steps else 0
+    for s in range(n_seg):
+        segment = functools.partial(run, ks=range(s * seg, (s + 1) * seg))
+        carry, outs = _tied_checkpoint(segment)(carry)
+        traces += outs
+    carry, outs = run(carry, range(n_seg * seg, steps))
+    traces += outs
+    return carry, (jax.tree.map(lambda *xs: jnp.stack(xs), *traces) if trace else None)
+
+
+def _segment_length(steps: int) -> int:
+    """Steps per checkpointed segment: the length that keeps the fewest inner-loop states.
+
+    The backward pass keeps one state per segment, one per step left over
+    after the last whole segment, and one per step of the segment being
+    differentiated: ``steps // seg + steps % seg + seg``, about
+    ``2 sqrt(steps)``. Returns ``steps`` (no segments) when that saves nothing.
+    Schedules that would leave a loop of one iteration (one segment, or one
+    left-over step) are skipped: XLA inlines such a loop, and the
+    recomputation inside it could then be scheduled early.
+    """
+    best, best_cost = max(steps, 1), steps
+    for seg in range(2, steps):
+        n_seg, tail = divmod(steps, seg)
+        cost = n_seg + tail + seg
+        if n_seg >= 2 and tail != 1 and cost < best_cost:
+            best, best_cost = seg, cost
+    return best
+
+
+def _tied_checkpoint(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``fn`` (pytree to pytree) checkpointed: only its input is saved, and the backward pass
+    recomputes ``fn`` once the cotangent of its output exists.
+
+    ``jax.checkpoint`` alone saves no memory in an unrolled loop on XLA:CPU.
+    It keeps the recomputation after the cotangent only by an optimization
+    barrier, which XLA:CPU removes before scheduling; its scheduler then runs
+    every step's recomputation as soon as the step's saved input exists,
+    during the forward pass, and all steps' activations are live at once.
+    Here the recomputation's inputs depend on the cotangent through data (an
+    exact zero computed from it is added to them), which no scheduler can
+    reorder. Arrays ``fn`` closes over (the support batch, frozen leaves,
+    traced learning rates) become explicit inputs, so their cotangents flow.
+    """
+
+    def checkpointed(x):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(x)
+        jaxpr = closed.jaxpr
+
+        def run(flat_x, consts):
+            return jaxpr_as_fun(ClosedJaxpr(jaxpr, consts))(*flat_x)
+
+        out = _tied_call(run, jax.tree.leaves(x), list(closed.consts))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+    return checkpointed
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tied_call(run: Callable, flat_x: list, consts: list) -> list:
+    return run(flat_x, consts)
+
+
+def _tied_call_fwd(run: Callable, flat_x: list, consts: list) -> tuple[list, tuple]:
+    return run(flat_x, consts), (flat_x, consts)
+
+
+def _tied_call_bwd(run: Callable, saved: tuple, cts: list) -> tuple[list, list]:
+    flat_x, consts = saved
+    firsts = [c.ravel()[0] for c in cts if _is_float(c) and c.size]
+    if firsts:
+        total = sum(firsts)
+        # Exactly zero, also for a non-finite cotangent; XLA does not fold x * 0 for floats.
+        zero = jax.lax.select(jnp.isfinite(total), total * 0, jnp.zeros_like(total))
+        flat_x = [x + zero.astype(x.dtype) if _is_float(x) else x for x in flat_x]
+    _, vjp = jax.vjp(run, flat_x, consts)
+    return vjp(cts)
+
+
+_tied_call.defvjp(_tied_call_fwd, _tied_call_bwd)
+
+
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _check_key(key: Any) -> None:
+    dtype, shape = getattr(key, "dtype", None), jnp.shape(key)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape != ():
+            raise ValueError(f"key must be a single PRNG key, got a key array of shape {shape}.")
+    elif not (dtype == jnp.uint32 and shape == (2,)):
+        raise TypeError(
+            f"key must be a PRNG key (jax.random.key(seed)), got {type(key).__name__} "
+            f"with dtype {dtype} and shape {shape}."
+        )
 
 
 def mask_by_path(params: Params, pattern: str | Callable[[str], bool]) -> PyTree:
@@ -247,8 +380,10 @@ def path_str(key_path: Sequence[Any]) -> str:
 def _check_per_step_support(support: Batch, steps: int) -> None:
     for x in jax.tree.leaves(support):
         if jnp.ndim(x) == 0 or jnp.shape(x)[0] != steps:
-            raise ValueError(f"support_per_step: every support leaf needs a leading axis of size "
-                             f"steps={steps}, got shape {jnp.shape(x)}.")
+            raise ValueError(
+                f"support_per_step: every support leaf needs a leading axis of size "
+                f"steps={steps}, got shape {jnp.shape(x)}."
+            )
 
 
 def _check_steps(steps: Any) -> None:

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from metajax.types import PyTree, Task
 
 TASK_AXIS = "tasks"
+MODEL_AXIS = "model"
 PMAP_AXIS = "devices"
 
 
@@ -50,6 +51,116 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def task_sharding(mesh: Mesh) -> NamedSharding:
     """The leading (task) axis split over mesh axis ``"tasks"``; the rest replicated."""
     return NamedSharding(mesh, P(TASK_AXIS))
+
+
+# --- parameters sharded over a "model" axis (FSDP-style) ------------------------------------
+
+
+def task_model_mesh(tasks: int, model: int, devices: Sequence[Any] | None = None) -> Mesh:
+    """A 2-D mesh ``("tasks", "model")`` of ``tasks * model`` devices (default: the first ones).
+
+    The meta-batch is split over ``"tasks"``; parameters and optimizer state
+    over ``"model"`` (see :func:`fsdp_shardings`), so each device holds
+    ``1 / model`` of them and XLA gathers each weight where it is used. Devices
+    along ``"model"`` are neighbours in ``jax.devices()`` order (on one host,
+    the fastest links carry those gathers). Axis types are ``Auto``, as in
+    :func:`task_mesh`.
+    """
+    for name, size in (("tasks", tasks), ("model", model)):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {size!r}.")
+    devices = list(jax.devices() if devices is None else devices)
+    if tasks * model > len(devices):
+        raise ValueError(
+            f"a {tasks} x {model} mesh needs {tasks * model} devices, but {len(devices)} exist."
+        )
+    return jax.make_mesh(
+        (tasks, model),
+        (TASK_AXIS, MODEL_AXIS),
+        axis_types=(AxisType.Auto, AxisType.Auto),
+        devices=devices[: tasks * model],
+    )
+
+
+def task_axis_size(mesh: Mesh) -> int:
+    """How many shards the meta-batch is split into: the size of mesh axis ``"tasks"``."""
+    if TASK_AXIS not in mesh.axis_names:
+        raise ValueError(f"the mesh needs an axis named 'tasks', got {mesh.axis_names}.")
+    return int(mesh.shape[TASK_AXIS])
+
+
+def fsdp_spec(shape: Sequence[int], model_size: int) -> P:
+    """Partition spec of one array: its largest dimension divisible by ``model_size`` split over
+    ``"model"`` (the first such, on ties), everything else replicated.
+
+    Args:
+      shape: the array's shape.
+      model_size: the size of mesh axis ``"model"``.
+
+    Returns:
+      E.g. ``P(None, "model")`` for ``(11, 8)`` and ``model_size=4``; ``P()``
+      (replicated) when no dimension divides, for scalars, and for ``model_size=1``.
+    """
+    if model_size == 1:
+        return P()
+    divisible = [(size, -i) for i, size in enumerate(shape) if size % model_size == 0]
+    if not divisible:
+        return P()
+    dim = -max(divisible)[1]
+    return P(*([None] * dim), MODEL_AXIS)
+
+
+def fsdp_shardings(tree: PyTree, mesh: Mesh) -> PyTree:
+    """A ``NamedSharding`` per leaf of ``tree`` (arrays or ``ShapeDtypeStruct``s): :func:`fsdp_spec`
+    over the mesh's ``"model"`` axis for floating-point leaves, replicated over every other axis.
+
+    Integer and bool leaves (step counters, PRNG key data) are replicated: they are no
+    parameters, and a key split across devices would only be gathered again.
+    """
+    if MODEL_AXIS not in mesh.axis_names:
+        raise ValueError(f"fsdp_shardings needs a mesh axis named 'model', got {mesh.axis_names}.")
+    axis_type = dict(zip(mesh.axis_names, mesh.axis_types))[MODEL_AXIS]
+    if axis_type == AxisType.Explicit:
+        # Explicit sharding makes every op's output sharding part of its type: a model's
+        # gathers and matmuls over "model"-sharded weights would need annotations inside it.
+        raise ValueError(
+            "mesh axis 'model' has the Explicit axis type (jax.make_mesh's default): "
+            "parameters sharded over it need Auto. Use parallel.task_model_mesh, or "
+            "jax.make_mesh(..., axis_types=(AxisType.Auto, AxisType.Auto))."
+        )
+    size = int(mesh.shape[MODEL_AXIS])
+
+    def sharding(x):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, fsdp_spec(np.shape(x), size))
+
+    return jax.tree.map(sharding, tree)
+
+
+def state_shardings(state: PyTree, mesh: Mesh, state_sharding: Any = None) -> PyTree:
+    """The sharding of each leaf of a train state on ``mesh``.
+
+    Args:
+      state: the train state (or any pytree of arrays).
+      mesh: the mesh of the train step.
+      state_sharding: None for the default: :func:`fsdp_shardings` when the mesh
+        has an axis ``"model"``, else replicated; or one ``Sharding`` for every
+        leaf; or a pytree of shardings with the structure of ``state``; or a
+        function ``state -> pytree of shardings``.
+
+    Returns:
+      A pytree of shardings with the structure of ``state``.
+    """
+    if state_sharding is None:
+        if MODEL_AXIS in mesh.axis_names:
+            return fsdp_shardings(state, mesh)
+        state_sharding = replicated(mesh)
+    elif callable(state_sharding):
+        state_sharding = state_sharding(state)
+    if isinstance(state_sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda _: state_sharding, state)
+    return state_sharding
 
 
 def check_divisible(num_tasks: int, num_devices: int, what: str = "devices") -> None:
@@ -93,7 +204,8 @@ def shard_tasks(local_tasks: Task, mesh: Mesh) -> Task:
 
     def put(x):
         x = np.asarray(x)
-        check_divisible(x.shape[0] * count, mesh.size)
+        what = "devices" if len(mesh.axis_names) == 1 else "shards of mesh axis 'tasks'"
+        check_divisible(x.shape[0] * count, task_axis_size(mesh), what)
         return jax.make_array_from_process_local_data(
             sharding, x, (x.shape[0] * count, *x.shape[1:]))
 
@@ -172,10 +284,12 @@ def make_pmap_step(update_fn, num_devices: int | None = None):
     ``update_fn`` receives each device's share of the tasks and must average
     its gradients and metrics over axis ``"devices"`` itself (``lax.pmean``);
     the train step passes a function that does. The returned
-    ``step(state, tasks)`` takes the state replicated (see :func:`replicate`)
-    and the tasks with the global leading axis ``meta_batch``, which it
-    reshapes to ``(devices, meta_batch / devices, ...)``; metrics come back
-    unreplicated. The state is donated. Single process only.
+    ``step(state, tasks)`` takes the state plain (as :func:`metajax.train_state` makes it:
+    replicated on the first call) or replicated (see :func:`replicate`), and the tasks
+    with the global leading axis ``meta_batch``, which it reshapes to ``(devices,
+    meta_batch / devices, ...)``. It returns the state replicated (:func:`unreplicate`
+    gives the plain one) and the metrics unreplicated. The state is donated. Single
+    process only.
     """
     devices = jax.local_devices()[: num_devices or jax.local_device_count()]
     n = len(devices)
@@ -187,6 +301,8 @@ def make_pmap_step(update_fn, num_devices: int | None = None):
         leading = jax.tree.leaves(tasks)[0].shape[0]
         check_divisible(leading, n)
         split = jax.tree.map(lambda x: jnp.reshape(x, (n, leading // n, *x.shape[1:])), tasks)
+        if jnp.ndim(getattr(state, "step", 0)) == 0:  # a plain state: no device axis yet
+            state = replicate(state, devices)
         state, metrics = pmapped(state, split)
         return state, unreplicate(metrics)
 

@@ -28,32 +28,51 @@ class TrainState(NamedTuple):
     Attributes:
       meta_params: what the algorithm meta-learns (``algo.init(params)``).
       opt_state: the outer optax optimizer's state.
-      step: int32 scalar, the number of meta-updates taken.
+      step: int32 scalar, the number of meta-updates taken; passed to
+        ``algo.meta_grad(..., step=step)`` (MAML++'s schedules).
+      key: None, or the raw ``uint32`` data of a PRNG key (``jax.random.key_data``, so it
+        checkpoints as a plain array); step ``s`` passes ``fold_in(key, s)`` to
+        ``algo.meta_grad(..., key=...)`` (dropout in the loss).
     """
 
     meta_params: PyTree
     opt_state: optax.OptState
     step: jax.Array
+    key: jax.Array | None = None
 
 
 def train_state(
-    algo: MetaLearner, params: Params, optimizer: optax.GradientTransformation
+    algo: MetaLearner,
+    params: Params,
+    optimizer: optax.GradientTransformation,
+    *,
+    key: jax.Array | None = None,
 ) -> TrainState:
-    """The state before the first meta-update: ``algo.init(params)`` and a fresh optimizer."""
-    meta_params = algo.init(params)
-    return TrainState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32))
+    """The state before the first meta-update: ``algo.init(params)`` and a fresh optimizer.
+
+    The state holds copies of ``params``: the train step donates its input state, and
+    must never delete the caller's own arrays. ``key`` (a ``jax.random.key``) makes the
+    train step pass a fresh key to ``meta_grad`` at every step.
+    """
+    meta_params = jax.tree.map(jnp.array, algo.init(params))  # jnp.array copies
+    key_data = None if key is None else jax.random.key_data(key)
+    return TrainState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32),
+                      key_data)
 
 
 def _update(algo, optimizer, num_shards, reduce, state: TrainState, tasks: Task):
     # Trace-time check: clearer than XLA's complaint about uneven shards.
     _parallel.check_divisible(jax.tree.leaves(tasks)[0].shape[0], num_shards)
-    grads, metrics = algo.meta_grad(state.meta_params, tasks)
+    key = None
+    if state.key is not None:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    grads, metrics = algo.meta_grad(state.meta_params, tasks, step=state.step, key=key)
     if reduce is not None:
         grads, metrics = reduce((grads, metrics))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.meta_params)
     meta_params = optax.apply_updates(state.meta_params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    return TrainState(meta_params, opt_state, state.step + 1), metrics
+    return TrainState(meta_params, opt_state, state.step + 1, state.key), metrics
 
 
 def make_train_step(
@@ -62,6 +81,7 @@ def make_train_step(
     *,
     mesh: Mesh | None = None,
     parallel: str = "sharding",
+    state_sharding: Any = None,
 ):
     """One compiled meta-update: ``step(state, tasks) -> (state, metrics)``.
 
@@ -74,54 +94,98 @@ def make_train_step(
       optimizer: the outer optax optimizer.
       mesh: ``parallel="sharding"``: a mesh with an axis ``"tasks"`` (e.g.
         :func:`metajax.parallel.task_mesh`). The task axis of ``tasks`` is
-        sharded over it, ``state`` and ``metrics`` are replicated. None: one
-        device. ``parallel="pmap"``: None for all local devices, or a mesh
-        whose size sets the device count.
+        sharded over it, ``metrics`` are replicated, and ``state`` is laid out
+        as ``state_sharding`` says. A 2-D mesh ``("tasks", "model")``
+        (:func:`metajax.parallel.task_model_mesh`) shards the state over
+        ``"model"`` FSDP-style by default. None: one device.
+        ``parallel="pmap"``: None for all local devices, or a mesh whose size
+        sets the device count.
       parallel: ``"sharding"`` (one ``jit`` over the mesh) or ``"pmap"`` (the
         legacy path: per-device meta-gradients averaged with ``lax.pmean``;
         ``state`` must then be replicated with :func:`metajax.parallel.replicate`).
+      state_sharding: ``parallel="sharding"`` with a mesh only: where the state
+        (input and output) lives. None: replicated, or, when the mesh has an
+        axis ``"model"``, every parameter and optimizer-state leaf split over it
+        on its largest divisible dimension (:func:`metajax.parallel.fsdp_shardings`).
+        Otherwise one ``Sharding``, a pytree of shardings like the state, or a
+        function ``state -> shardings`` (see :func:`metajax.parallel.state_shardings`);
+        :func:`place_state` takes the same argument.
 
     Returns:
       The step function. ``tasks`` is a :class:`Task` with leading axis
-      ``meta_batch``, which must divide by the number of devices. ``metrics``
-      are scalars: ``algo``'s (``loss_before``, ``loss_after``, ...) and
-      ``grad_norm``, the global norm of the meta-gradient.
+      ``meta_batch``, which must divide by the size of mesh axis ``"tasks"``
+      (the number of devices for a 1-D mesh). ``metrics`` are scalars:
+      ``algo``'s (``loss_before``, ``loss_after``, ...) and ``grad_norm``, the
+      global norm of the meta-gradient. ``step.jitted_for(state)`` is the
+      underlying jitted function (for ``.lower(state, tasks)``); with the
+      replicated default it is also ``step.jitted``.
     """
+    if parallel not in ("sharding", "pmap"):
+        raise ValueError(f"parallel must be 'sharding' or 'pmap', got {parallel!r}.")
+    if state_sharding is not None and (parallel == "pmap" or mesh is None):
+        raise ValueError("state_sharding needs parallel='sharding' and a mesh.")
     if parallel == "pmap":
         pmean = functools.partial(jax.lax.pmean, axis_name=_parallel.PMAP_AXIS)
         # Each device sees its own share of the tasks; the pmap wrapper checks the split.
         update = functools.partial(_update, algo, optimizer, 1, pmean)
         return _parallel.make_pmap_step(update, None if mesh is None else mesh.size)
-    if parallel != "sharding":
-        raise ValueError(f"parallel must be 'sharding' or 'pmap', got {parallel!r}.")
-    update = functools.partial(_update, algo, optimizer, 1 if mesh is None else mesh.size, None)
     if mesh is None:
-        return jax.jit(update, donate_argnums=(0,))
-    if "tasks" not in mesh.axis_names:
-        raise ValueError(f"the mesh needs an axis named 'tasks', got {mesh.axis_names}.")
-    rep, tasks = _parallel.replicated(mesh), _parallel.task_sharding(mesh)
-    jitted = jax.jit(update, in_shardings=(rep, tasks), out_shardings=(rep, rep),
-                     donate_argnums=(0,))
+        return jax.jit(functools.partial(_update, algo, optimizer, 1, None), donate_argnums=(0,))
+    num_shards = _parallel.task_axis_size(mesh)
+    what = "devices" if len(mesh.axis_names) == 1 else "shards of mesh axis 'tasks'"
+    update = functools.partial(_update, algo, optimizer, num_shards, None)
+    rep, task_sharding = _parallel.replicated(mesh), _parallel.task_sharding(mesh)
+
+    def jit_with(shardings):
+        return jax.jit(
+            update,
+            in_shardings=(shardings, task_sharding),
+            out_shardings=(shardings, rep),
+            donate_argnums=(0,),
+        )
+
+    replicated_state = state_sharding is None and _parallel.MODEL_AXIS not in mesh.axis_names
+    fixed = jit_with(rep) if replicated_state else None
+    by_layout = {}
+
+    def jitted_for(state: TrainState):
+        if fixed is not None:
+            return fixed
+        # Per-leaf shardings need the leaves' shapes, known only from the first state.
+        leaves, treedef = jax.tree.flatten(state)
+        layout = (treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+        if layout not in by_layout:
+            by_layout[layout] = jit_with(_parallel.state_shardings(state, mesh, state_sharding))
+        return by_layout[layout]
 
     @functools.wraps(update)
     def step(state: TrainState, tasks: Task):
         # jit checks in_shardings before tracing, with a message about tiling factors.
-        _parallel.check_divisible(jax.tree.leaves(tasks)[0].shape[0], mesh.size)
-        return jitted(state, tasks)
+        _parallel.check_divisible(jax.tree.leaves(tasks)[0].shape[0], num_shards, what)
+        return jitted_for(state)(state, tasks)
 
-    step.jitted = jitted  # for .lower(...) in benchmarks
+    step.jitted_for = jitted_for
+    if fixed is not None:
+        step.jitted = fixed  # for .lower(...) in benchmarks
     return step
 
 
-def place_state(state: TrainState, mesh: Mesh | None) -> TrainState:
-    """Puts a host or single-device state replicated on ``mesh`` (every process must call it)."""
+def place_state(state: TrainState, mesh: Mesh | None, state_sharding: Any = None) -> TrainState:
+    """Puts a host or single-device state on ``mesh`` (every process must call it).
+
+    ``state_sharding`` as in :func:`make_train_step`: by default replicated, or
+    split over mesh axis ``"model"`` (FSDP-style) when the mesh has one, so
+    that it matches the train step's layout.
+    """
     if mesh is None:
         return state
-    sharding = _parallel.replicated(mesh)
-    def put(x):
+    state = jax.device_get(state)
+    shardings = _parallel.state_shardings(state, mesh, state_sharding)
+
+    def put(x, sharding):
         return jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx])
 
-    return jax.tree.map(put, jax.device_get(state))
+    return jax.tree.map(put, state, shardings)
 
 
 def all_finite(tree: PyTree) -> bool:

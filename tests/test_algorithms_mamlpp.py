@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from toy import central_differences, mlp_init, mse_loss, rel_error, sine_tasks, take_task
 
-from metajax.algorithms import maml, mamlpp, mamlpp_outer_optimizer, mamlpp_weights
+from metajax.algorithms import maml, mamlpp, mamlpp_weights
+from metajax.train import make_train_step, train_state
 
 ALPHA = 0.1
 STEPS = 3
@@ -38,7 +40,7 @@ def test_last_step_weights_and_uniform_lslr_equal_plain_maml():
     msl = mamlpp(
         mse_loss, inner_steps=STEPS, inner_lr=ALPHA, lslr=False, msl_weights=lambda step: last_only
     )
-    got_msl, _ = jax.jit(msl.meta_grad)(msl.init(params), tasks)
+    got_msl, _ = jax.jit(msl.meta_grad)(msl.init(params), tasks, step=0)
     lslr = mamlpp(mse_loss, inner_steps=STEPS, inner_lr=ALPHA, multi_step_loss=False)
     mp = lslr.init(params)
     assert mp["lr"][0]["w"].shape == (STEPS, 1, 1) and mp["lr"][0]["b"].shape == (STEPS, 1)
@@ -55,14 +57,16 @@ def test_multi_step_loss_matches_plain_loop():
     algo = mamlpp(
         mse_loss, inner_steps=STEPS, inner_lr=ALPHA, lslr=False, msl_weights=lambda step: weights
     )
-    got, metrics = jax.jit(algo.meta_grad)(algo.init(params), tasks)
+    got, metrics = jax.jit(algo.meta_grad)(algo.init(params), tasks, step=0)
     want = jax.jit(jax.grad(multi_step_objective))(params, tasks, weights)
     last, _ = jax.jit(maml(mse_loss, inner_steps=STEPS, inner_lr=ALPHA).meta_grad)(params, tasks)
     err = rel_error(got["params"], want)
     print(f"MAML++ multi-step loss (w=0.2,0.3,0.5) vs plain loop: {err:.2e}")
     assert err < 1e-5
     assert rel_error(got["params"], last) > 1e-2  # the earlier steps really count
-    assert float(got["step"]) == 0.0 and float(metrics["mamlpp_step"]) == 0.0
+    assert "step" not in got and float(metrics["msl_last_weight"]) == 0.5
+    with pytest.raises(ValueError, match="needs step="):
+        algo.meta_grad(algo.init(params), tasks)
 
 
 def test_lslr_rate_gradients_match_finite_differences_float64():
@@ -80,7 +84,7 @@ def test_lslr_rate_gradients_match_finite_differences_float64():
             mp["lr"],
             [{"w": 1.0, "b": 2.0}, {"w": 0.7, "b": 1.5}],
         )
-        grads, _ = jax.jit(algo.meta_grad)(mp, tasks)
+        grads, _ = jax.jit(algo.meta_grad)(mp, tasks, step=0)
         fd = central_differences(
             lambda q: multi_step_objective(q["params"], tasks, weights, q["lr"]),
             {"params": mp["params"], "lr": mp["lr"]},
@@ -106,7 +110,7 @@ def test_annealed_weights_schedule():
         np.testing.assert_allclose(jnp.sum(mamlpp_weights(s, 3, 100)), 1.0, rtol=1e-6)
 
 
-def test_outer_optimizer_counts_steps_and_first_order_warmup_switches():
+def test_train_step_feeds_the_step_and_first_order_warmup_switches():
     params = mlp_init(jax.random.key(6))
     tasks = sine_tasks(jax.random.key(7))
     algo = mamlpp(
@@ -115,25 +119,37 @@ def test_outer_optimizer_counts_steps_and_first_order_warmup_switches():
         inner_lr=ALPHA,
         lslr=False,
         multi_step_loss=False,
-        first_order_until=1,
+        first_order_until=2,
     )
-    meta_grad = jax.jit(algo.meta_grad)
     fo_grad = jax.jit(maml(mse_loss, inner_steps=STEPS, inner_lr=ALPHA, first_order=True).meta_grad)
     so_grad = jax.jit(maml(mse_loss, inner_steps=STEPS, inner_lr=ALPHA).meta_grad)
-    mp = algo.init(params)
-    g0, _ = meta_grad(mp, tasks)
+    g0, m0 = jax.jit(algo.meta_grad)(algo.init(params), tasks, step=0)
     e0 = rel_error(g0["params"], fo_grad(params, tasks)[0])
-    assert e0 < 1e-6 and float(g0["step"]) == 0.0
-    # AdamW would decay a counter it saw; the wrapper keeps it an exact count.
-    tx = mamlpp_outer_optimizer(optax.adamw(1e-2, weight_decay=0.5))
-    state = tx.init(mp)
-    for _ in range(2):
-        updates, state = tx.update(g0, state, mp)
-        mp = optax.apply_updates(mp, updates)
-    assert float(mp["step"]) == 2.0 and rel_error(mp["params"], params) > 1e-3
-    g2, m2 = meta_grad(mp, tasks)
-    so, fo = so_grad(mp["params"], tasks)[0], fo_grad(mp["params"], tasks)[0]
+    assert e0 < 1e-6 and float(m0["second_order"]) == 0.0
+    # Any optax optimizer: the train state's own step drives the switch.
+    opt = optax.adamw(1e-2, weight_decay=0.5)
+    step = make_train_step(algo, opt)
+    state = train_state(algo, params, opt)
+    orders = []
+    for _ in range(3):
+        before = jax.device_get(state.meta_params)
+        state, metrics = step(state, tasks)
+        orders.append(float(metrics["second_order"]))
+    assert orders == [0.0, 0.0, 1.0] and int(state.step) == 3
+    g2, _ = jax.jit(algo.meta_grad)({"params": before["params"]}, tasks, step=2)
+    so, fo = so_grad(before["params"], tasks)[0], fo_grad(before["params"], tasks)[0]
     e2 = rel_error(g2["params"], so)
-    print(f"first_order_until=1: step 0 vs FOMAML {e0:.2e}; step 2 vs second-order MAML {e2:.2e}")
+    print(f"first_order_until=2: step 0 vs FOMAML {e0:.2e}; step 2 vs second-order MAML {e2:.2e}")
     assert e2 < 1e-6 and rel_error(so, fo) > 1e-2
-    assert float(m2["mamlpp_step"]) == 2.0
+
+
+def test_lslr_rates_extend_to_longer_evaluations():
+    params = mlp_init(jax.random.key(8))
+    tasks = sine_tasks(jax.random.key(9))
+    algo = mamlpp(mse_loss, inner_steps=2, inner_lr=ALPHA, multi_step_loss=False)
+    mp = algo.init(params)
+    support = jax.tree.map(lambda x: x[0], tasks.support)
+    # Rates of step 1 reused for steps 2 and 3: equal to plain SGD at ALPHA (all rates ALPHA).
+    want = maml(mse_loss, inner_steps=4, inner_lr=ALPHA).adapt(params, support)
+    got = algo.adapt(mp, support, steps=4)
+    assert rel_error(got, want) < 1e-6

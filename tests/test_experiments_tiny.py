@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metajax import cli
-from metajax.experiment import experiment_names, load_config
+from metajax.run import cli
+from metajax.run.build import ALGORITHMS
+from metajax.run.config_files import experiment_names, load_config
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 QUIET = ["--no-progress"]
@@ -44,14 +45,17 @@ def _module(name):
 
 
 def test_every_named_omniglot_variant_loads_with_its_algorithm():
-    variants = _module("omniglot").variants()
+    variants = _module("omniglot").VARIANTS
     assert len(variants) == 5 + 2 * 15
     for v in variants:
         c = load_config(f"omniglot:{v}")
         ways = c.task.ways
         assert c.name.startswith("omniglot_")
         if "protonets" in v:
-            assert c.eval.inner_steps == 0 and dict(c.algorithm.options)["ways"] == ways
+            assert c.eval.inner_steps == 0 and c.algorithm.name == "protonets"
+        elif not v.endswith("_gpu"):  # one task at a time on a CPU
+            assert (c.algorithm.task_batch, c.algorithm.unroll_tasks) == (1, True)
+        assert c.algorithm.name in ALGORITHMS
         if v.endswith("_gpu"):
             # Reptile's published budget is 100K outer steps (200K for 20-way); MAML's 60K.
             expected_steps = ({"20w1s": 200_000}.get(v.split("_")[0], 100_000) if "reptile" in v

@@ -15,7 +15,7 @@ from metajax.models import (
     TransformerConfig,
     TransformerLM,
     Trunk,
-    bits_per_byte,
+    bits_per_token,
     next_token_loss,
     next_token_metrics,
 )
@@ -199,10 +199,10 @@ def test_next_token_loss_masks_pad_targets():
     loss_fn = jit(next_token_loss(model.apply))
     loss = loss_fn(params, (tokens, mask))
     np.testing.assert_allclose(loss, want, rtol=1e-5)
-    bits = jit(bits_per_byte(model.apply))(params, (tokens, mask))
+    bits = jit(bits_per_token(model.apply))(params, (tokens, mask))
     np.testing.assert_allclose(bits, want / np.log(2), rtol=1e-5)
     metrics = jit(next_token_metrics(model.apply))(params, (tokens, mask))
-    np.testing.assert_allclose(metrics["bits_per_byte"], want / np.log(2), rtol=1e-5)
+    np.testing.assert_allclose(metrics["bits_per_token"], want / np.log(2), rtol=1e-5)
     np.testing.assert_allclose(metrics["accuracy"], acc)
     # Whatever stands in the padded slots changes nothing.
     other = tokens.copy()

@@ -10,8 +10,10 @@ import time
 import jax
 import numpy as np
 
-from metajax import experiment, runner
-from metajax.checkpoint import Checkpointer
+from metajax.run import build as experiment
+from metajax.run import loop as runner
+from metajax.run.checkpoint import Checkpointer
+from metajax.run.config_files import load_config
 from metajax.train import train_state
 
 SETS = ["train.steps=3", "train.checkpoint_every=3", "train.log_every=1", "eval.after_train=false"]
@@ -30,7 +32,7 @@ def _launch(workdir, sets, heartbeat=10):
                METAJAX_CACHE_DIR=jax.config.jax_compilation_cache_dir or "none")
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "metajax.cli", "train", "sinusoid:tiny", "--workdir",
+            [sys.executable, "-m", "metajax.run.cli", "train", "sinusoid:tiny", "--workdir",
              str(workdir), "--no-progress", "--coordinator", f"127.0.0.1:{port}",
              "--num-processes", "2", "--process-id", str(i),
              "--heartbeat-timeout", str(heartbeat), "--set", *sets],
@@ -46,15 +48,15 @@ def test_two_processes_equal_one(tmp_path):
         assert p.returncode == 0, out[-3000:]
 
     # One process, same global meta-batch (8 tasks) over 4 of this process's 8 fake devices.
-    config = experiment.load_config("sinusoid:tiny", [*SETS, "train.devices=4"])
+    config = load_config("sinusoid:tiny", [*SETS, "train.devices=4"])
     single = jax.device_get(runner.train(config, tmp_path / "one", progress=False,
                                          echo=lambda *_: None))
     exp = experiment.build(config)
     two = Checkpointer(tmp_path / "two" / "checkpoints")
     assert two.latest_step() == 3
-    restored = jax.device_get(two.restore(train_state(exp.algo, exp.setup.params, exp.optimizer)))
+    restored = jax.device_get(two.restore(train_state(exp.algo, exp.params, exp.optimizer)))
     assert int(restored.step) == 3
-    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), single.meta_params, exp.setup.params)
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), single.meta_params, exp.params)
     assert max(jax.tree.leaves(moved)) > 1e-3  # training changed the parameters
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  restored, single)

@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from metajax import cli, predict
-from metajax.experiment import ConfigError, load_config
+from metajax.run import cli, predict
+from metajax.run.config import ConfigError
+from metajax.run.config_files import load_config
 
 QUIET = ["--no-progress", "--no-eval"]
 

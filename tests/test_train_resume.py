@@ -10,8 +10,10 @@ import time
 import jax
 import numpy as np
 
-from metajax import cli, experiment
-from metajax.checkpoint import Checkpointer
+from metajax.run import build as experiment
+from metajax.run import cli
+from metajax.run.checkpoint import Checkpointer
+from metajax.run.config_files import load_config
 from metajax.train import train_state
 
 STEPS = 200
@@ -21,10 +23,10 @@ ARGS = ["train", "sinusoid:tiny", "--no-progress", "--set", f"train.steps={STEPS
 
 
 def _final_state(workdir):
-    exp = experiment.build(experiment.load_config("sinusoid:tiny"))
+    exp = experiment.build(load_config("sinusoid:tiny"))
     ckpt = Checkpointer(workdir / "checkpoints")
     assert ckpt.latest_step() == STEPS
-    return jax.device_get(ckpt.restore(train_state(exp.algo, exp.setup.params, exp.optimizer)))
+    return jax.device_get(ckpt.restore(train_state(exp.algo, exp.params, exp.optimizer)))
 
 
 def _committed_steps(workdir):
@@ -40,7 +42,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, capsys):
     # Same environment (8 fake devices, compilation cache) as this process, so same programs.
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                METAJAX_CACHE_DIR=jax.config.jax_compilation_cache_dir or "none")
-    proc = subprocess.Popen([sys.executable, "-m", "metajax.cli", *ARGS, "--workdir", str(killed)],
+    command = [sys.executable, "-m", "metajax.run.cli", *ARGS, "--workdir", str(killed)]
+    proc = subprocess.Popen(command,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not _committed_steps(killed) and proc.poll() is None and time.monotonic() < deadline:

@@ -1,10 +1,10 @@
 """Meta-learning algorithms, one per file, all of the :class:`MetaLearner` shape."""
 
 from metajax.algorithms.anil import anil
-from metajax.algorithms.base import MetaLearner
+from metajax.algorithms.base import MetaLearner, make_meta_learner, mean_over_tasks
 from metajax.algorithms.imaml import imaml
 from metajax.algorithms.maml import maml
-from metajax.algorithms.mamlpp import mamlpp, mamlpp_outer_optimizer, mamlpp_weights
+from metajax.algorithms.mamlpp import mamlpp, mamlpp_weights
 from metajax.algorithms.meta_sgd import meta_sgd
 from metajax.algorithms.pretrain import pretrain
 from metajax.algorithms.protonets import Prototypes, protonet_logits, protonets
@@ -16,9 +16,10 @@ __all__ = [
     "anil",
     "imaml",
     "maml",
+    "make_meta_learner",
     "mamlpp",
-    "mamlpp_outer_optimizer",
     "mamlpp_weights",
+    "mean_over_tasks",
     "meta_sgd",
     "pretrain",
     "protonet_logits",

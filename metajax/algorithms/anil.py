@@ -22,10 +22,11 @@ def anil(
     first_order: bool = False,
     remat: bool = False,
     inner_optimizer: optax.GradientTransformation | None = None,
-    unroll: bool = True,
+    unroll: bool | None = None,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
+    monitor: bool = True,
 ) -> MetaLearner:
     """Almost No Inner Loop: the inner loop adapts the head, the outer loop learns everything.
 
@@ -53,10 +54,11 @@ def anil(
       first_order: first-order ANIL.
       remat: rematerialise each inner step in the backward pass.
       inner_optimizer: an optax transformation as the inner optimizer.
-      unroll: unrolled Python loop (True) or ``lax.scan`` (False).
+      unroll: unrolled Python loop (True) or ``lax.scan`` (False); None: adapt's default.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
       unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
+      monitor: also report the query metrics before adaptation.
 
     Returns:
       A :class:`MetaLearner`; ``meta_params`` are the model's parameters.
@@ -77,17 +79,19 @@ def anil(
             metric_fn=metric_fn,
             task_batch=task_batch,
             unroll_tasks=unroll_tasks,
+            monitor=monitor,
         )
 
-    def meta_grad(params, tasks):
-        return for_params(params).meta_grad(params, tasks)
+    def meta_grad(params, tasks, *, step=None, key=None):
+        return for_params(params).meta_grad(params, tasks, step=step, key=key)
 
-    def _adapt(params, support, *, steps=None):
-        return for_params(params).adapt(params, support, steps=steps)
+    def task_grad(params, task, *, step=None, key=None):
+        return for_params(params).task_grad(params, task, step=step, key=key)
 
-    def _adapt_trace(params, support, trace_fn=None, *, steps=None):
-        return for_params(params).adapt_trace(params, support, trace_fn, steps=steps)
+    def _adapt(params, support, *, steps=None, key=None):
+        return for_params(params).adapt(params, support, steps=steps, key=key)
 
-    return MetaLearner(
-        init=lambda params: params, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace
-    )
+    def _adapt_trace(params, support, trace_fn=None, *, steps=None, key=None):
+        return for_params(params).adapt_trace(params, support, trace_fn, steps=steps, key=key)
+
+    return MetaLearner(lambda params: params, meta_grad, _adapt, _adapt_trace, task_grad)

@@ -10,11 +10,13 @@ import optax
 
 from metajax.algorithms.base import (
     MetaLearner,
+    call_loss,
     check_inner_rule,
     check_positive_int,
-    check_tasks,
-    mean_over_task_batches,
+    key_kwarg,
+    make_meta_learner,
     query_metrics,
+    split_task_key,
 )
 from metajax.inner import adapt_trace
 from metajax.types import LossFn, MetricFn
@@ -28,15 +30,16 @@ def imaml(
     loss_fn: LossFn,
     *,
     inner_steps: int,
-    reg: float,
+    reg: float = 1.0,
     inner_lr: Any = None,
     inner_optimizer: optax.GradientTransformation | None = None,
     cg_steps: int = 5,
     cg_tol: float = 1e-10,
-    unroll: bool = True,
+    unroll: bool | None = None,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
+    monitor: bool = True,
 ) -> MetaLearner:
     """Implicit MAML: meta-gradient by the implicit function theorem, not by unrolling.
 
@@ -72,6 +75,7 @@ def imaml(
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
       unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
+      monitor: also report the query metrics before adaptation.
 
     Returns:
       A :class:`MetaLearner`; ``meta_params`` are the model's parameters and
@@ -83,12 +87,14 @@ def imaml(
     if not reg > 0:
         raise ValueError(f"reg must be > 0, got {reg}.")
 
-    def _adapt_trace(params, support, trace_fn=None, *, steps=None):
+    loop_kwargs = {} if unroll is None else {"unroll": unroll}
+
+    def _adapt_trace(params, support, trace_fn=None, *, steps=None, key=None):
         theta = jax.lax.stop_gradient(params)
 
-        def proximal_loss(phi, batch):
+        def proximal_loss(phi, batch, **kw):
             dist = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), phi, theta)
-            return loss_fn(phi, batch) + 0.5 * reg * sum(jax.tree.leaves(dist))
+            return loss_fn(phi, batch, **kw) + 0.5 * reg * sum(jax.tree.leaves(dist))
 
         adapted, trace = adapt_trace(
             proximal_loss,
@@ -99,35 +105,34 @@ def imaml(
             lr=inner_lr,
             optimizer=inner_optimizer,
             first_order=True,
-            unroll=unroll,
+            **loop_kwargs,
+            **key_kwarg(key),
         )
         return jax.lax.stop_gradient(adapted), trace
 
-    def _adapt(params, support, *, steps=None):
-        return _adapt_trace(params, support, steps=steps)[0]
+    def _adapt(params, support, *, steps=None, key=None):
+        return _adapt_trace(params, support, steps=steps, key=key)[0]
 
-    def one_task(params, task):
-        phi = _adapt(params, task.support)
-        g_query = jax.grad(loss_fn)(phi, task.query)
-        _, hvp = jax.linearize(lambda p: jax.grad(loss_fn)(p, task.support), phi)
+    def task_grad(params, task, *, step=None, key=None):
+        del step
+        inner_key, query_key = split_task_key(key)
+        phi = _adapt(params, task.support, key=inner_key)
+        loss, g_query = jax.value_and_grad(
+            lambda p: call_loss(loss_fn, p, task.query, query_key))(phi)
+        support_grad = jax.grad(lambda p: call_loss(loss_fn, p, task.support, inner_key))
+        _, hvp = jax.linearize(support_grad, phi)
 
         def matvec(v):
             return jax.tree.map(lambda x, hx: x + hx / reg, v, hvp(v))
 
         v, _ = jax.scipy.sparse.linalg.cg(matvec, g_query, tol=cg_tol, maxiter=cg_steps)
         residual = jax.tree.map(jnp.subtract, g_query, matvec(v))
-        metrics = query_metrics(loss_fn, metric_fn, params, phi, task.query)
+        metrics = query_metrics(loss_fn, metric_fn, params, phi, task.query, monitor=monitor,
+                                loss_after=loss)
         g_sq = _tree_vdot(g_query, g_query)
         tiny = jnp.finfo(g_sq.dtype).tiny  # a zero query gradient is solved exactly
         metrics["cg_residual"] = jnp.sqrt(_tree_vdot(residual, residual) / jnp.maximum(g_sq, tiny))
         return v, metrics
 
-    def meta_grad(params, tasks):
-        check_tasks(tasks)
-        return mean_over_task_batches(
-            lambda task: one_task(params, task), tasks, task_batch, unroll_tasks
-        )
-
-    return MetaLearner(
-        init=lambda params: params, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace
-    )
+    return make_meta_learner(lambda params: params, task_grad, _adapt, _adapt_trace,
+                             task_batch=task_batch, unroll_tasks=unroll_tasks)

@@ -9,13 +9,15 @@ import optax
 
 from metajax.algorithms.base import (
     MetaLearner,
+    call_loss,
     check_inner_rule,
     check_positive_int,
-    check_tasks,
     fixed_inner_loop,
-    grad_of_mean_task_loss,
-    mean_over_task_batches,
+    grad_of_task_loss,
+    make_meta_learner,
     query_metrics,
+    split_task_key,
+    value_and_grad_of_loss,
 )
 from metajax.types import LossFn, MetricFn, PyTree
 
@@ -29,10 +31,11 @@ def maml(
     remat: bool = False,
     inner_optimizer: optax.GradientTransformation | None = None,
     mask: PyTree | None = None,
-    unroll: bool = True,
+    unroll: bool | None = None,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
+    monitor: bool = True,
 ) -> MetaLearner:
     """Model-Agnostic Meta-Learning (Finn et al., 2017).
 
@@ -47,14 +50,15 @@ def maml(
     through the inner loop.
 
     Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      loss_fn: ``loss_fn(params, batch) -> scalar`` (``key=`` too if you pass keys).
       inner_steps: inner updates per task, ``>= 1``.
       inner_lr: SGD inner learning rate (any form :func:`metajax.adapt` takes).
       first_order: FOMAML.
       remat: rematerialise each inner step in the backward pass.
       inner_optimizer: an optax transformation used as the inner optimizer.
       mask: which parameter leaves adapt (see :func:`metajax.adapt`).
-      unroll: unrolled Python loop (True) or ``lax.scan`` (False).
+      unroll: unrolled Python loop (True) or ``lax.scan`` (False); None: the default of
+        :func:`metajax.adapt`.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``,
         reported before and after adaptation (e.g. accuracy).
       task_batch: tasks vmapped at once; None vmaps the whole meta-batch, a
@@ -62,46 +66,40 @@ def maml(
         little more time). The result is the same mean over tasks.
       unroll_tasks: with ``task_batch``, unroll the loop over task groups
         instead of a ``lax.scan`` (the fast form for ConvNets on a CPU; see
-        :func:`metajax.algorithms.base.mean_over_task_batches`).
+        :func:`metajax.mean_over_tasks`).
+      monitor: also report the query loss and metrics before adaptation (one more
+        forward pass per task).
 
     Returns:
       A :class:`MetaLearner`; ``meta_params`` are the model's parameters.
     """
     inner_steps = check_positive_int("inner_steps", inner_steps)
     check_inner_rule(inner_lr, inner_optimizer)
+    rule = dict(lr=inner_lr, optimizer=inner_optimizer, first_order=first_order, remat=remat,
+                mask=mask)
+    if unroll is not None:
+        rule["unroll"] = unroll
+    _adapt, _adapt_trace = fixed_inner_loop(loss_fn, inner_steps, **rule)
 
-    _adapt, _adapt_trace = fixed_inner_loop(
-        loss_fn,
-        inner_steps,
-        lr=inner_lr,
-        optimizer=inner_optimizer,
-        first_order=first_order,
-        remat=remat,
-        mask=mask,
-        unroll=unroll,
-    )
+    def task_loss(params, task, *, step=None, key=None):
+        del step
+        inner_key, query_key = split_task_key(key)
+        adapted = _adapt(params, task.support, key=inner_key)
+        loss = call_loss(loss_fn, adapted, task.query, query_key)
+        return loss, query_metrics(loss_fn, metric_fn, params, adapted, task.query,
+                                   monitor=monitor, loss_after=loss)
 
-    def task_loss(params, task):
-        adapted = _adapt(params, task.support)
-        return loss_fn(adapted, task.query), query_metrics(
-            loss_fn, metric_fn, params, adapted, task.query
-        )
+    def first_order_task_grad(params, task, *, step=None, key=None):
+        del step
+        inner_key, query_key = split_task_key(key)
+        adapted = jax.lax.stop_gradient(_adapt(params, task.support, key=inner_key))
+        loss, grads = value_and_grad_of_loss(loss_fn, adapted, task.query, query_key)
+        return grads, query_metrics(loss_fn, metric_fn, params, adapted, task.query,
+                                    monitor=monitor, loss_after=loss)
 
-    def second_order_grad(params, tasks):
-        return grad_of_mean_task_loss(task_loss, params, tasks, task_batch, unroll_tasks)
-
-    def first_order_grad(params, tasks):
-        def one_task(task):
-            adapted = jax.lax.stop_gradient(_adapt(params, task.support))
-            grads = jax.grad(loss_fn)(adapted, task.query)
-            return grads, query_metrics(loss_fn, metric_fn, params, adapted, task.query)
-
-        return mean_over_task_batches(one_task, tasks, task_batch, unroll_tasks)
-
-    def meta_grad(params, tasks):
-        check_tasks(tasks)
-        return (first_order_grad if first_order else second_order_grad)(params, tasks)
-
-    return MetaLearner(
-        init=lambda params: params, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace
-    )
+    if first_order:
+        return make_meta_learner(lambda p: p, first_order_task_grad, _adapt, _adapt_trace,
+                                 task_batch=task_batch, unroll_tasks=unroll_tasks)
+    return make_meta_learner(lambda p: p, grad_of_task_loss(task_loss), _adapt, _adapt_trace,
+                             task_loss=task_loss, task_batch=task_batch,
+                             unroll_tasks=unroll_tasks)

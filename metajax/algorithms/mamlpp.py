@@ -6,20 +6,9 @@ weighted, the weights annealed toward the last step over meta-training) and
 ``first_order_until`` (first order for the first meta-iterations, then second
 order).
 
-How the annealing knows the meta-iteration without changing
-``meta_grad(meta_params, tasks)``: ``meta_params["step"]`` is a float32 scalar
-counting meta-updates. ``meta_grad`` reads it (under ``stop_gradient``: its
-gradient is exactly zero) and never changes it; the outer optimizer advances
-it. Wrap the outer optimizer with :func:`mamlpp_outer_optimizer`, which sends
-every other leaf to your optimizer and adds exactly 1 to the counter per
-update, so the usual ``tx.update`` / ``optax.apply_updates`` train step works
-unchanged, checkpoints carry the counter, and weight decay or gradient
-clipping never touch it. A plain optimizer leaves the counter at 0 (zero
-gradient, zero update) and the weights never anneal; ``metrics["mamlpp_step"]``
-shows the counter so that mistake is visible. Alternatives rejected: a
-``progress`` argument breaks the shared signature; weights as a meta-parameter
-leaf would need the same external update with less meaning; the optimizer's
-own step count is invisible to ``meta_grad``.
+The annealing and the order switch depend on the outer step, which
+``meta_grad(meta_params, tasks, step=...)`` receives as an argument (the train
+step passes ``TrainState.step``), so any optax outer optimizer works unchanged.
 """
 
 from __future__ import annotations
@@ -34,13 +23,17 @@ import optax
 
 from metajax.algorithms.base import (
     MetaLearner,
+    call_loss,
     check_inner_rule,
     check_positive_int,
     check_tasks,
     full_like_rates,
-    grad_of_mean_task_loss,
+    grad_of_mean_loss,
+    key_kwarg,
     learned_rate_optimizer,
+    make_meta_learner,
     query_metrics,
+    split_task_key,
 )
 from metajax.inner import adapt_trace
 from metajax.types import LossFn, MetricFn, PyTree
@@ -66,19 +59,6 @@ def mamlpp_weights(
     return jnp.concatenate([jnp.broadcast_to(rest, (n - 1,)), last[None]])
 
 
-def mamlpp_outer_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``tx`` for every meta-parameter except ``"step"``, which gains exactly 1 per update."""
-    count = optax.GradientTransformation(
-        lambda params: optax.EmptyState(),
-        lambda updates, state, params=None: (jax.tree.map(jnp.ones_like, updates), state),
-    )
-
-    def labels(meta_params):
-        return {k: ("count" if k == "step" else "learn") for k in meta_params}
-
-    return optax.multi_transform({"learn": tx, "count": count}, labels)
-
-
 def mamlpp(
     loss_fn: LossFn,
     *,
@@ -93,10 +73,11 @@ def mamlpp(
     first_order_until: int = 0,
     remat: bool = False,
     mask: PyTree | None = None,
-    unroll: bool = True,
+    unroll: bool | None = None,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
+    monitor: bool = True,
 ) -> MetaLearner:
     """MAML++'s learned rates, multi-step loss and first-order warm-up, each optional.
 
@@ -104,8 +85,11 @@ def mamlpp(
     ``"lr"``, a tree like params whose leaves have shape ``(inner_steps, 1, ...,
     1)`` (one rate per tensor per step, initialised to ``inner_lr``, or to 1
     scaling ``inner_optimizer``'s updates; never clipped, they may go
-    negative); with ``multi_step_loss`` or ``first_order_until``, ``"step"``
-    (see the module docstring: advance it with :func:`mamlpp_outer_optimizer`).
+    negative). Adapting for more steps than ``inner_steps`` (a longer evaluation)
+    uses the last step's learned rates for the extra steps.
+
+    ``meta_grad`` and ``task_grad`` need ``step=`` (the outer step, may be traced) when
+    ``multi_step_loss`` or ``first_order_until`` is on.
 
     The per-task objective is ``sum_k w_k loss_fn(phi_k, query)`` over the
     parameters ``phi_k`` after ``k = 1..inner_steps`` steps (multi-step loss) or
@@ -129,35 +113,42 @@ def mamlpp(
         second order (``lax.cond``: both are compiled, one runs).
       remat: rematerialise each inner step in the backward pass.
       mask: which parameter leaves adapt (see :func:`metajax.adapt`).
-      unroll: unrolled Python loop (True) or ``lax.scan`` (False).
+      unroll: unrolled Python loop (True) or ``lax.scan`` (False); None: adapt's default.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
       unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
+      monitor: also report the query metrics before adaptation.
 
     Returns:
-      A :class:`MetaLearner`; metrics add ``mamlpp_step`` (the counter) when it exists.
+      A :class:`MetaLearner`; metrics add ``msl_last_weight`` (the weight of the last
+      step's loss) with the multi-step loss and ``second_order`` (1 or 0) with
+      ``first_order_until``, so the annealing and the switch are visible in the logs.
     """
     inner_steps = check_positive_int("inner_steps", inner_steps)
     check_inner_rule(inner_lr, inner_optimizer)
     if msl_weights is None:
         msl_weights = partial(mamlpp_weights, inner_steps=inner_steps, anneal_iters=anneal_iters)
-    has_step = multi_step_loss or first_order_until > 0
+
+    needs_step = multi_step_loss or first_order_until > 0
 
     def init(params):
         meta_params = {"params": params}
         if lslr:
             initial = 1.0 if inner_lr is None else inner_lr
             meta_params["lr"] = full_like_rates(params, initial, steps=inner_steps)
-        if has_step:
-            meta_params["step"] = jnp.zeros((), jnp.float32)
         return meta_params
 
-    def run(meta_params, support, trace_fn, steps, first_order):
+    loop_kwargs = {} if unroll is None else {"unroll": unroll}
+
+    def run(meta_params, support, trace_fn, steps, first_order, key=None):
         steps = inner_steps if steps is None else steps
         if lslr:
-            if steps > inner_steps:
-                raise ValueError(f"LSLR learned rates for {inner_steps} steps, asked for {steps}.")
-            rule = dict(optimizer=learned_rate_optimizer(meta_params["lr"], inner_optimizer))
+            rates = meta_params["lr"]
+            if steps > inner_steps:  # a longer evaluation: repeat the last step's rates
+                extra = steps - inner_steps
+                rates = jax.tree.map(
+                    lambda r: jnp.concatenate([r, jnp.repeat(r[-1:], extra, axis=0)]), rates)
+            rule = dict(optimizer=learned_rate_optimizer(rates, inner_optimizer))
         else:
             rule = dict(lr=inner_lr, optimizer=inner_optimizer)
         return adapt_trace(
@@ -169,48 +160,76 @@ def mamlpp(
             first_order=first_order,
             remat=remat,
             mask=mask,
-            unroll=unroll,
+            **loop_kwargs,
+            **key_kwarg(key),
             **rule,
         )
 
-    def _adapt_trace(meta_params, support, trace_fn=None, *, steps=None):
-        return run(meta_params, support, trace_fn, steps, first_order)
+    def _adapt_trace(meta_params, support, trace_fn=None, *, steps=None, key=None):
+        return run(meta_params, support, trace_fn, steps, first_order, key)
 
-    def _adapt(meta_params, support, *, steps=None):
-        return _adapt_trace(meta_params, support, steps=steps)[0]
+    def _adapt(meta_params, support, *, steps=None, key=None):
+        return _adapt_trace(meta_params, support, steps=steps, key=key)[0]
 
-    def task_loss(meta_params, task, first_order):
-        if multi_step_loss:
-            weights = jax.lax.stop_gradient(msl_weights(meta_params["step"]))
-            if jnp.shape(weights) != (inner_steps,):
-                raise ValueError(
-                    f"msl_weights gave shape {jnp.shape(weights)}, expected ({inner_steps},)."
-                )
-            trace_fn = lambda p: loss_fn(p, task.query)
-            adapted, losses = run(meta_params, task.support, trace_fn, None, first_order)
-            loss = jnp.sum(weights * losses[1:])  # losses[0] is before any step.
-        else:
-            adapted = run(meta_params, task.support, None, None, first_order)[0]
-            loss = loss_fn(adapted, task.query)
-        return loss, query_metrics(loss_fn, metric_fn, meta_params["params"], adapted, task.query)
+    def checked_step(step):
+        if needs_step and step is None:
+            raise ValueError("mamlpp with multi_step_loss or first_order_until needs step= (the "
+                             "outer step) in meta_grad / task_grad; make_train_step passes it.")
+        return jnp.zeros((), jnp.int32) if step is None else step
 
-    def meta_grad(meta_params, tasks):
-        check_tasks(tasks)
+    def task_loss_with(order_is_first):
+        def task_loss(meta_params, task, *, step=None, key=None):
+            step = checked_step(step)
+            inner_key, query_key = split_task_key(key)
+            extra = {}
+            if multi_step_loss:
+                weights = jax.lax.stop_gradient(msl_weights(step))
+                if jnp.shape(weights) != (inner_steps,):
+                    raise ValueError(
+                        f"msl_weights gave shape {jnp.shape(weights)}, expected ({inner_steps},)."
+                    )
+                trace_fn = lambda p: loss_fn(p, task.query)
+                adapted, losses = run(meta_params, task.support, trace_fn, None, order_is_first,
+                                      inner_key)
+                loss = jnp.sum(weights * losses[1:])  # losses[0] is before any step.
+                extra["msl_last_weight"] = weights[-1]
+            else:
+                adapted = run(meta_params, task.support, None, None, order_is_first, inner_key)[0]
+                loss = call_loss(loss_fn, adapted, task.query, query_key)
+            if first_order_until > 0:
+                extra["second_order"] = jnp.asarray(0.0 if order_is_first else 1.0)
+            metrics = query_metrics(loss_fn, metric_fn, meta_params["params"], adapted,
+                                    task.query, monitor=monitor)
+            return loss, {**metrics, **extra}
 
-        def grads_with(order_is_first, mp):
-            return grad_of_mean_task_loss(
-                partial(task_loss, first_order=order_is_first), mp, tasks, task_batch, unroll_tasks
-            )
+        return task_loss
 
+    def grads_with(order_is_first, meta_params, tasks, step, key):
+        return grad_of_mean_loss(task_loss_with(order_is_first), meta_params, tasks, step=step,
+                                 key=key)
+
+    def task_grad(meta_params, task, *, step=None, key=None):
+        batched = jax.tree.map(lambda x: x[None], task)
+        return meta_grad_impl(meta_params, batched, step=step, key=key)
+
+    def meta_grad_impl(meta_params, tasks, *, step=None, key=None):
+        step = checked_step(step)
         if first_order_until > 0 and not first_order:
-            warm = meta_params["step"] < first_order_until
-            g, metrics = jax.lax.cond(
-                warm, partial(grads_with, True), partial(grads_with, False), meta_params
+            return jax.lax.cond(
+                step < first_order_until,
+                lambda mp: grads_with(True, mp, tasks, step, key),
+                lambda mp: grads_with(False, mp, tasks, step, key),
+                meta_params,
             )
-        else:
-            g, metrics = grads_with(first_order, meta_params)
-        if has_step:
-            metrics = {**metrics, "mamlpp_step": meta_params["step"]}
-        return g, metrics
+        return grads_with(first_order, meta_params, tasks, step, key)
 
-    return MetaLearner(init=init, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace)
+    learner = make_meta_learner(init, task_grad, _adapt, _adapt_trace, task_batch=task_batch,
+                                unroll_tasks=unroll_tasks)
+    if task_batch is not None:
+        return learner
+
+    def meta_grad(meta_params, tasks, *, step=None, key=None):
+        check_tasks(tasks)  # the whole batch at once: one cond and one backward pass
+        return meta_grad_impl(meta_params, tasks, step=step, key=key)
+
+    return learner._replace(meta_grad=meta_grad)

@@ -8,13 +8,16 @@ import optax
 
 from metajax.algorithms.base import (
     MetaLearner,
+    call_loss,
     check_inner_rule,
     check_positive_int,
-    check_tasks,
     full_like_rates,
-    grad_of_mean_task_loss,
+    grad_of_task_loss,
+    key_kwarg,
     learned_rate_optimizer,
+    make_meta_learner,
     query_metrics,
+    split_task_key,
 )
 from metajax.inner import adapt_trace
 from metajax.types import LossFn, MetricFn, PyTree
@@ -29,10 +32,11 @@ def meta_sgd(
     first_order: bool = False,
     remat: bool = False,
     mask: PyTree | None = None,
-    unroll: bool = True,
+    unroll: bool | None = None,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
+    monitor: bool = True,
 ) -> MetaLearner:
     """Meta-SGD: the initialisation and a learning rate per parameter, learned jointly.
 
@@ -62,10 +66,11 @@ def meta_sgd(
       remat: rematerialise each inner step in the backward pass.
       mask: which parameter leaves adapt (see :func:`metajax.adapt`); frozen
         leaves' rates get zero gradient.
-      unroll: unrolled Python loop (True) or ``lax.scan`` (False).
+      unroll: unrolled Python loop (True) or ``lax.scan`` (False); None: adapt's default.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
       unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
+      monitor: also report the query metrics before adaptation.
 
     Returns:
       A :class:`MetaLearner`. ``adapt(meta_params, support)`` uses the learned rates.
@@ -77,7 +82,9 @@ def meta_sgd(
     def init(params):
         return {"params": params, "lr": full_like_rates(params, initial_rate)}
 
-    def _adapt_trace(meta_params, support, trace_fn=None, *, steps=None):
+    loop_kwargs = {} if unroll is None else {"unroll": unroll}
+
+    def _adapt_trace(meta_params, support, trace_fn=None, *, steps=None, key=None):
         return adapt_trace(
             loss_fn,
             meta_params["params"],
@@ -88,20 +95,21 @@ def meta_sgd(
             first_order=first_order,
             remat=remat,
             mask=mask,
-            unroll=unroll,
+            **loop_kwargs,
+            **key_kwarg(key),
         )
 
-    def _adapt(meta_params, support, *, steps=None):
-        return _adapt_trace(meta_params, support, steps=steps)[0]
+    def _adapt(meta_params, support, *, steps=None, key=None):
+        return _adapt_trace(meta_params, support, steps=steps, key=key)[0]
 
-    def task_loss(meta_params, task):
-        adapted = _adapt(meta_params, task.support)
-        return loss_fn(adapted, task.query), query_metrics(
-            loss_fn, metric_fn, meta_params["params"], adapted, task.query
-        )
+    def task_loss(meta_params, task, *, step=None, key=None):
+        del step
+        inner_key, query_key = split_task_key(key)
+        adapted = _adapt(meta_params, task.support, key=inner_key)
+        loss = call_loss(loss_fn, adapted, task.query, query_key)
+        return loss, query_metrics(loss_fn, metric_fn, meta_params["params"], adapted,
+                                   task.query, monitor=monitor, loss_after=loss)
 
-    def meta_grad(meta_params, tasks):
-        check_tasks(tasks)
-        return grad_of_mean_task_loss(task_loss, meta_params, tasks, task_batch, unroll_tasks)
-
-    return MetaLearner(init=init, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace)
+    return make_meta_learner(init, grad_of_task_loss(task_loss), _adapt, _adapt_trace,
+                             task_loss=task_loss, task_batch=task_batch,
+                             unroll_tasks=unroll_tasks)

@@ -10,12 +10,14 @@ import optax
 
 from metajax.algorithms.base import (
     MetaLearner,
+    call_loss,
     check_inner_rule,
     check_positive_int,
-    check_tasks,
     fixed_inner_loop,
-    mean_over_tasks,
+    grad_of_task_loss,
+    make_meta_learner,
     query_metrics,
+    split_task_key,
 )
 from metajax.types import Batch, LossFn, MetricFn, PyTree
 
@@ -32,8 +34,9 @@ def pretrain(
     inner_lr: Any = None,
     inner_optimizer: optax.GradientTransformation | None = None,
     mask: PyTree | None = None,
-    unroll: bool = True,
+    unroll: bool | None = None,
     metric_fn: MetricFn | None = None,
+    monitor: bool = True,
 ) -> MetaLearner:
     """Joint pretraining on every task, then plain fine-tuning: the baseline meta-learning beats.
 
@@ -56,8 +59,9 @@ def pretrain(
       inner_lr: SGD fine-tuning learning rate (any form :func:`metajax.adapt` takes).
       inner_optimizer: an optax transformation as the fine-tuning optimizer.
       mask: which parameter leaves fine-tune (see :func:`metajax.adapt`).
-      unroll: unrolled Python loop (True) or ``lax.scan`` (False).
+      unroll: unrolled Python loop (True) or ``lax.scan`` (False); None: adapt's default.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
+      monitor: also report the query metrics before fine-tuning.
 
     Returns:
       A :class:`MetaLearner`; ``meta_params`` are the model's parameters.
@@ -65,31 +69,19 @@ def pretrain(
     inner_steps = check_positive_int("inner_steps", inner_steps)
     check_inner_rule(inner_lr, inner_optimizer)
 
-    _adapt, _adapt_trace = fixed_inner_loop(
-        loss_fn,
-        inner_steps,
-        lr=inner_lr,
-        optimizer=inner_optimizer,
-        first_order=True,
-        mask=mask,
-        unroll=unroll,
-    )
+    rule = dict(lr=inner_lr, optimizer=inner_optimizer, first_order=True, mask=mask)
+    if unroll is not None:
+        rule["unroll"] = unroll
+    _adapt, _adapt_trace = fixed_inner_loop(loss_fn, inner_steps, **rule)
 
-    def meta_grad(params, tasks):
-        check_tasks(tasks)
+    def task_loss(params, task, *, step=None, key=None):
+        del step
+        inner_key, pooled_key = split_task_key(key)
+        loss = call_loss(loss_fn, params, pool_examples(task.support, task.query), pooled_key)
+        # Fine-tuning is monitored only: it shows the curve a meta-learner would be judged on.
+        adapted = jax.lax.stop_gradient(_adapt(params, task.support, key=inner_key))
+        return loss, query_metrics(loss_fn, metric_fn, params, adapted, task.query,
+                                   monitor=monitor)
 
-        def mean_pooled_loss(p):
-            losses = jax.vmap(lambda t: loss_fn(p, pool_examples(t.support, t.query)))(tasks)
-            return jnp.mean(losses)
-
-        grads = jax.grad(mean_pooled_loss)(params)
-
-        def one_task(task):
-            adapted = jax.lax.stop_gradient(_adapt(params, task.support))
-            return query_metrics(loss_fn, metric_fn, params, adapted, task.query)
-
-        return grads, mean_over_tasks(jax.vmap(one_task)(tasks))
-
-    return MetaLearner(
-        init=lambda params: params, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace
-    )
+    return make_meta_learner(lambda params: params, grad_of_task_loss(task_loss), _adapt,
+                             _adapt_trace, task_loss=task_loss)

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from metajax.algorithms.base import (
     MetaLearner,
     check_positive_int,
-    check_tasks,
-    grad_of_mean_task_loss,
+    grad_of_task_loss,
+    make_meta_learner,
 )
 from metajax.types import Batch, Params
 
@@ -96,7 +96,8 @@ def protonets(
     if ways < 2:
         raise ValueError(f"ways must be >= 2, got {ways}.")
 
-    def _adapt(params, support, *, steps=None):
+    def _adapt(params, support, *, steps=None, key=None):
+        del key  # no inner loop
         if steps not in (None, 0):
             raise ValueError(f"ProtoNets has no inner steps; steps must be None or 0, got {steps}.")
         x, labels = support
@@ -104,12 +105,13 @@ def protonets(
             raise TypeError(f"labels must be integers, got {jnp.result_type(labels)}.")
         return Prototypes(params, class_means(embed_fn(params, x), labels, ways))
 
-    def _adapt_trace(params, support, trace_fn=None, *, steps=None):
+    def _adapt_trace(params, support, trace_fn=None, *, steps=None, key=None):
         adapted = _adapt(params, support, steps=steps)
         trace = None if trace_fn is None else jax.tree.map(lambda t: t[None], trace_fn(adapted))
         return adapted, trace
 
-    def task_loss(params, task):
+    def task_loss(params, task, *, step=None, key=None):
+        del step, key
         adapted = _adapt(params, task.support)
         x, labels = task.query
         logits = protonet_logits(embed_fn, adapted, x, distance_fn)
@@ -127,10 +129,5 @@ def protonets(
             metrics.update({f"{k}_after": v for k, v in extra.items()})
         return loss, metrics
 
-    def meta_grad(params, tasks):
-        check_tasks(tasks)
-        return grad_of_mean_task_loss(task_loss, params, tasks)
-
-    return MetaLearner(
-        init=lambda params: params, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace
-    )
+    return make_meta_learner(lambda params: params, grad_of_task_loss(task_loss), _adapt,
+                             _adapt_trace, task_loss=task_loss)

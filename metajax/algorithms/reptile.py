@@ -13,9 +13,8 @@ from metajax.algorithms.base import (
     MetaLearner,
     check_inner_rule,
     check_positive_int,
-    check_tasks,
     fixed_inner_loop,
-    mean_over_task_batches,
+    make_meta_learner,
     query_metrics,
 )
 from metajax.types import LossFn, MetricFn, PyTree
@@ -28,11 +27,12 @@ def reptile(
     inner_lr: Any = None,
     inner_optimizer: optax.GradientTransformation | None = None,
     mask: PyTree | None = None,
-    unroll: bool = True,
+    unroll: bool | None = None,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
     inner_batch: int | None = None,
+    monitor: bool = True,
 ) -> MetaLearner:
     """Reptile, with its update expressed as a pseudo-gradient.
 
@@ -48,10 +48,11 @@ def reptile(
       inner_optimizer: an optax transformation as the inner optimizer (the
         paper used Adam).
       mask: which parameter leaves adapt.
-      unroll: unrolled Python loop (True) or ``lax.scan`` (False).
+      unroll: unrolled Python loop (True) or ``lax.scan`` (False); None: adapt's default.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
       unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
+      monitor: also report the query metrics before adaptation.
       inner_batch: in meta-training, each inner step fits the next ``inner_batch``
         support examples instead of the whole support (the paper's mini-batches,
         cycling through the support in epochs); see :func:`support_minibatches`.
@@ -65,28 +66,25 @@ def reptile(
 
     if inner_batch is not None:
         inner_batch = check_positive_int("inner_batch", inner_batch)
-    rule = dict(lr=inner_lr, optimizer=inner_optimizer, first_order=True, mask=mask, unroll=unroll)
+    rule = dict(lr=inner_lr, optimizer=inner_optimizer, first_order=True, mask=mask)
+    if unroll is not None:
+        rule["unroll"] = unroll
     _adapt, _adapt_trace = fixed_inner_loop(loss_fn, inner_steps, **rule)
     _train_adapt, _ = fixed_inner_loop(
         loss_fn, inner_steps, support_per_step=inner_batch is not None, **rule)
 
-    def meta_grad(params, tasks):
-        check_tasks(tasks)
+    def task_grad(params, task, *, step=None, key=None):
+        del step
+        support = task.support
+        if inner_batch is not None:
+            support = support_minibatches(support, inner_batch, inner_steps)
+        adapted = jax.lax.stop_gradient(_train_adapt(params, support, key=key))
+        pseudo_grad = jax.tree.map(lambda p, a: jax.lax.stop_gradient(p) - a, params, adapted)
+        return pseudo_grad, query_metrics(loss_fn, metric_fn, params, adapted, task.query,
+                                          monitor=monitor)
 
-        def one_task(task):
-            support = task.support
-            if inner_batch is not None:
-                support = support_minibatches(support, inner_batch, inner_steps)
-            adapted = _train_adapt(params, support)
-            return adapted, query_metrics(loss_fn, metric_fn, params, adapted, task.query)
-
-        mean_adapted, metrics = mean_over_task_batches(one_task, tasks, task_batch, unroll_tasks)
-        pseudo_grad = jax.tree.map(lambda p, a: p - a, params, mean_adapted)
-        return jax.lax.stop_gradient(pseudo_grad), metrics
-
-    return MetaLearner(
-        init=lambda params: params, meta_grad=meta_grad, adapt=_adapt, adapt_trace=_adapt_trace
-    )
+    return make_meta_learner(lambda params: params, task_grad, _adapt, _adapt_trace,
+                             task_batch=task_batch, unroll_tasks=unroll_tasks)
 
 
 def support_minibatches(support, batch_size: int, steps: int):

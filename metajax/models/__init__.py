@@ -1,9 +1,13 @@
 """Pure Flax models and the loss helpers that turn them into ``loss_fn(params, batch)``."""
 
 from metajax.models.convnet import ConvNet, ConvNetConfig, PureNorm, convnet_param_count
+from metajax.models.gpt2 import GPT2_SIZES, GPT2LM, GPT2Config, gpt2_param_count
+
+# safetensors and tokenizers are imported inside these functions, not here.
+from metajax.models.gpt2_checkpoint import GPT2Tokenizer, load_gpt2, load_gpt2_tokenizer
 from metajax.models.losses import (
     accuracy_metric,
-    bits_per_byte,
+    bits_per_token,
     classification_loss,
     mse_loss,
     next_token_loss,
@@ -25,6 +29,10 @@ __all__ = [
     "Block",
     "ConvNet",
     "ConvNetConfig",
+    "GPT2_SIZES",
+    "GPT2Config",
+    "GPT2LM",
+    "GPT2Tokenizer",
     "PureNorm",
     "SelfAttention",
     "TransformerClassifier",
@@ -32,10 +40,13 @@ __all__ = [
     "TransformerLM",
     "Trunk",
     "accuracy_metric",
-    "bits_per_byte",
+    "bits_per_token",
     "classification_loss",
     "convnet_param_count",
     "from_nnx",
+    "gpt2_param_count",
+    "load_gpt2",
+    "load_gpt2_tokenizer",
     "mse_loss",
     "next_token_loss",
     "next_token_metrics",

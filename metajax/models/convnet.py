@@ -38,6 +38,8 @@ class ConvNetConfig:
 
     Attributes:
       ways: N of the N-way head.
+      head: False drops the head: the network returns its ``(batch, features)`` embedding
+        (what ProtoNets meta-learns: the network MAML adapts, minus the N-way head).
       filters: channels of every conv layer (64 in the paper; fewer for fast tests).
       blocks: number of conv blocks (4 in the paper).
       norm: ``"batch"`` (transductive batch statistics), ``"layer"`` or ``"none"``.
@@ -47,6 +49,7 @@ class ConvNetConfig:
     """
 
     ways: int = 5
+    head: bool = True
     filters: int = 64
     blocks: int = 4
     norm: Norm = "batch"
@@ -96,8 +99,9 @@ class ConvNet(nn.Module):
     Input ``(batch, height, width, channels)``: float images in ``[0, 1]``, or integer
     (e.g. uint8) images, which are scaled by ``1 / 255`` inside. Omniglot is
     ``(batch, 28, 28, 1)``. Output: logits ``(batch, ways)`` in float32 (float64 for float64
-    compute). With ``norm="batch"`` the logits of one example depend on the whole batch (see
-    the module docstring).
+    compute), or the features ``(batch, features)`` with ``head=False``. With
+    ``norm="batch"`` the logits of one example depend on the whole batch (see the module
+    docstring).
     """
 
     config: ConvNetConfig
@@ -121,8 +125,9 @@ class ConvNet(nn.Module):
             # 2x2 max-pool, VALID: 28 -> 14 -> 7 -> 3 -> 1.
             x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
         x = x.reshape(x.shape[0], -1)
-        logits = nn.Dense(cfg.ways, name="head", **dtypes)(x)
-        return logits.astype(jnp.promote_types(jnp.float32, cfg.dtype))
+        if cfg.head:
+            x = nn.Dense(cfg.ways, name="head", **dtypes)(x)
+        return x.astype(jnp.promote_types(jnp.float32, cfg.dtype))
 
 
 def convnet_param_count(
@@ -140,4 +145,4 @@ def convnet_param_count(
         total += 9 * c_in * config.filters + config.filters
         total += 0 if config.norm == "none" else 2 * config.filters
         c_in, h, w = config.filters, h // 2, w // 2
-    return total + h * w * c_in * config.ways + config.ways
+    return total + (h * w * c_in * config.ways + config.ways if config.head else 0)

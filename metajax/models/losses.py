@@ -94,18 +94,19 @@ def next_token_loss(apply_fn: ApplyFn):
     return loss_fn
 
 
-def bits_per_byte(apply_fn: ApplyFn):
+def bits_per_token(apply_fn: ApplyFn):
     """``loss_fn(params, (tokens, mask))``: :func:`next_token_loss` in bits, ``nats / ln 2``.
 
-    That is bits per predicted token, which is bits per byte when tokens are bytes (a
-    byte-level vocabulary); for other tokenisations read it as bits per token.
+    Bits per predicted token, end-of-sequence tokens included. For bits per UTF-8 byte of a
+    byte-level model (the end token's information over byte targets only) see
+    :func:`metajax.tasks.words.bits_per_byte`.
     """
     nats = next_token_loss(apply_fn)
     return lambda params, batch: nats(params, batch) / math.log(2.0)
 
 
 def next_token_metrics(apply_fn: ApplyFn):
-    """``metric_fn(params, (tokens, mask)) -> {"bits_per_byte", "accuracy"}``.
+    """``metric_fn(params, (tokens, mask)) -> {"bits_per_token", "accuracy"}``.
 
     Both are means over real targets, as in :func:`next_token_loss`; ``accuracy`` is the
     fraction of real targets that are the argmax of the logits.
@@ -115,7 +116,7 @@ def next_token_metrics(apply_fn: ApplyFn):
         ce, weights, logits = _next_token_terms(apply_fn, params, batch)
         correct = (jnp.argmax(logits, axis=-1) == batch[0][:, 1:]).astype(weights.dtype)
         return {
-            "bits_per_byte": _weighted_mean(ce, weights) / math.log(2.0),
+            "bits_per_token": _weighted_mean(ce, weights) / math.log(2.0),
             "accuracy": _weighted_mean(correct, weights),
         }
 

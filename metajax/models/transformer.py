@@ -285,8 +285,45 @@ class TransformerLM(nn.Module):
         return logits.astype(_out_dtype(cfg))
 
 
+def _encode_and_pool(
+    module: nn.Module, tokens: jax.Array, entity_positions: jax.Array | None
+) -> jax.Array:
+    """The encoder trunk (named ``trunk`` in ``module``) and its pooling; see
+    :class:`TransformerClassifier`. Returns ``(batch, width)`` (``pool="mean"``) or
+    ``(batch, 2 * width)`` (``pool="entity"``) in ``promote(float32, dtype)``."""
+    cfg = module.config
+    _check_tokens(tokens, cfg)
+    if module.pool not in ("mean", "entity"):
+        raise ValueError(f"pool must be 'mean' or 'entity', got {module.pool!r}.")
+    if (entity_positions is None) != (module.pool == "mean"):
+        raise ValueError(
+            f"pool={module.pool!r} needs entity_positions "
+            + ("None." if module.pool == "mean" else "of shape (batch, 2).")
+        )
+    if entity_positions is not None and (
+        entity_positions.shape != (tokens.shape[0], 2)
+        or not jnp.issubdtype(entity_positions.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"entity_positions must be int ({tokens.shape[0]}, 2), got "
+            f"{entity_positions.dtype} {entity_positions.shape}."
+        )
+    real = tokens != module.pad_id
+    positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
+    x = Trunk(cfg, causal=False, name="trunk")(tokens, positions, real, _deterministic(module))
+    # Pool in float32 (at least): bf16 sums over long sequences lose digits.
+    acc = _out_dtype(cfg)
+    if entity_positions is not None:
+        # The states at the head-start and tail-start markers, side by side: which entity is
+        # the head stays visible to the classifier.
+        picked = jnp.take_along_axis(x, entity_positions[:, :, None], axis=1)
+        return picked.astype(acc).reshape(tokens.shape[0], 2 * cfg.width)
+    weights = real.astype(acc)[..., None]
+    return jnp.sum(x.astype(acc) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
 class TransformerClassifier(nn.Module):
-    """Transformer encoder over token sequences with a mean-pooled N-way head.
+    """Transformer encoder over token sequences with a pooled N-way head.
 
     Tokens equal to ``pad_id`` are padding: they are masked out of every attention (as keys)
     and of the mean pooling, and they take no position, since a token's position is the
@@ -294,33 +331,55 @@ class TransformerClassifier(nn.Module):
     interleaved) leave the logits unchanged. A sequence of only pads pools to zero: its
     logits are the head's bias.
 
+    Pooling: ``pool="mean"`` averages the final states of the real tokens. ``pool="entity"``
+    (relation classification) concatenates the final states at two given positions per
+    sequence, typically the head-entity and tail-entity start markers, so the head reads
+    ``2 * width`` features.
+
     Attributes:
       config: the trunk configuration (``tie_embeddings`` is ignored).
       num_classes: N of the N-way head.
       pad_id: the padding token id.
+      pool: ``"mean"`` or ``"entity"``.
     """
 
     config: TransformerConfig
     num_classes: int
     pad_id: int = 0
+    pool: Literal["mean", "entity"] = "mean"
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Args: tokens ``(batch, seq)`` int, ``seq <= max_len``.
+    def __call__(self, tokens: jax.Array, entity_positions: jax.Array | None = None) -> jax.Array:
+        """Args: tokens ``(batch, seq)`` int, ``seq <= max_len``; entity_positions ``(batch, 2)``
+        int in ``[0, seq)`` for ``pool="entity"`` (None for ``"mean"``).
         Returns logits ``(batch, num_classes)``, float32 (float64 for float64 compute)."""
         cfg = self.config
-        _check_tokens(tokens, cfg)
-        real = tokens != self.pad_id
-        positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
-        x = Trunk(cfg, causal=False, name="trunk")(tokens, positions, real, _deterministic(self))
-        # Pool in float32 (at least): bf16 sums over long sequences lose digits.
-        acc = _out_dtype(cfg)
-        weights = real.astype(acc)[..., None]
-        pooled = jnp.sum(x.astype(acc) * weights, axis=1) / jnp.maximum(
-            jnp.sum(weights, axis=1), 1.0
-        )
+        pooled = _encode_and_pool(self, tokens, entity_positions)
         head = nn.Dense(
             self.num_classes, kernel_init=_dense_init(0.02), name="head", **_dtypes(cfg)
         )
         logits = head(pooled)
         return logits.astype(_out_dtype(cfg))
+
+
+class TransformerEncoder(nn.Module):
+    """:class:`TransformerClassifier` without its head: the pooled features, as an embedding
+    for metric-based meta-learning (ProtoNets). Its parameters are the classifier's minus
+    ``head`` (same names), so one trunk serves both.
+
+    Attributes:
+      config: the trunk configuration.
+      pad_id: the padding token id.
+      pool: ``"mean"`` or ``"entity"``, as in :class:`TransformerClassifier`.
+    """
+
+    config: TransformerConfig
+    pad_id: int = 0
+    pool: Literal["mean", "entity"] = "mean"
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, entity_positions: jax.Array | None = None) -> jax.Array:
+        """Same arguments as :class:`TransformerClassifier`. Returns ``(batch, width)`` for
+        ``pool="mean"``, ``(batch, 2 * width)`` for ``"entity"``, float32 (float64 for
+        float64 compute)."""
+        return _encode_and_pool(self, tokens, entity_positions)

@@ -10,16 +10,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from metajax.tasks.base import split_id
 from metajax.types import Task
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
 INPUT = (-5.0, 5.0)
-SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,20 +38,22 @@ class Sinusoid:
     queries: int = 10
     split: str = "train"
     seed: int = 0
+    # ``sample`` is jittable in ``step`` (a traced int32 scalar): a train loop may sample
+    # inside its compiled step instead of dispatching a sampler per step.
+    traceable: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.shots < 1 or self.queries < 1:
             raise ValueError(f"shots and queries must be >= 1, got {self.shots}, {self.queries}.")
-        if self.split not in SPLIT_IDS:
-            raise ValueError(f"unknown split {self.split!r}; expected one of {list(SPLIT_IDS)}.")
+        split_id(self.split)  # a clear error for an unknown split
 
     def sample(self, step: int, num_tasks: int, first_task: int = 0) -> Task:
-        return _sample(self.shots, self.queries, SPLIT_IDS[self.split], self.seed, step,
+        return _sample(self.shots, self.queries, split_id(self.split), self.seed, step,
                        num_tasks, first_task)
 
     def sample_with_params(self, step: int, num_tasks: int, first_task: int = 0):
         """Like ``sample``, also returning each task's (amplitude, phase), for plots."""
-        return _sample_full(self.shots, self.queries, SPLIT_IDS[self.split], self.seed, step,
+        return _sample_full(self.shots, self.queries, split_id(self.split), self.seed, step,
                             num_tasks, first_task)
 
 

@@ -3,36 +3,44 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 
-from metajax.experiment import Experiment
+from metajax.run.build import Experiment
+from metajax.run.config import Config, ConfigError, apply_overrides, changed_keys, to_dict
 from metajax.train import evaluate, summarize
+
+# What `metajax eval --set` may change on a trained workdir besides eval.*: what evaluation
+# alone uses. A family adds its own (the test data, the evaluated split) in EVAL_KEYS.
+EVAL_KEYS = ("algorithm.inner_lr",)
 
 
 def run_eval(exp: Experiment, meta_params, workdir: Path, *, step: int | None = None,
              echo=print) -> dict:
     """Evaluates ``meta_params`` on ``eval.num_tasks`` test tasks; writes ``eval.json``; plots.
 
-    Every process computes the same numbers on its own devices (no
-    collectives); only process 0 writes files and prints.
+    Every process computes the same numbers on its own devices (no collectives); only
+    process 0 writes files and prints.
 
     Returns:
       The eval.json content: ``{"metrics": {name: {"mean": [...], "ci95": [...]}}, ...}``,
-      lists indexed by the number of adaptation steps ``0..inner_steps``.
+      lists indexed by the number of adaptation steps ``0..inner_steps``; ``config`` is the
+      full config evaluated (task settings included).
     """
     cfg = exp.config.eval
-    per_task = evaluate(exp.algo, meta_params, exp.setup.eval_source, exp.setup.loss_fn,
-                        exp.setup.metric_fn, num_tasks=cfg.num_tasks, steps=cfg.inner_steps,
+    per_task = evaluate(exp.algo, meta_params, exp.setup.eval_source, exp.loss_fn,
+                        exp.metric_fn, num_tasks=cfg.num_tasks, steps=cfg.inner_steps,
                         chunk=cfg.chunk, vmap_tasks=cfg.vmap_tasks)
     result = {
-        "config": exp.config.name,
+        "config_name": exp.config.name,
         "checkpoint_step": step,
         "num_tasks": cfg.num_tasks,
         "adaptation_steps": list(range(cfg.inner_steps + 1)),
         "confidence": "95% half-width: 1.96 * sample std / sqrt(num_tasks)",
         "metrics": summarize(per_task),
+        "config": to_dict(exp.config),
     }
     if jax.process_index() != 0:
         return result
@@ -45,6 +53,25 @@ def run_eval(exp: Experiment, meta_params, workdir: Path, *, step: int | None = 
         if path is not None:
             echo(f"plot of adapted fits: {path}")
     return result
+
+
+def eval_config(trained: Config, overrides: Sequence[str], family_keys: Sequence[str] = ()
+                ) -> Config:
+    """The trained config with ``overrides`` that change only what evaluation uses.
+
+    Raises:
+      ConfigError: an override of a setting that training fixed (the model, the data it
+        was trained on, the algorithm's training settings), named.
+    """
+    config = apply_overrides(trained, overrides)
+    allowed = set(EVAL_KEYS) | set(family_keys)
+    refused = [k for k in changed_keys(trained, config)
+               if not k.startswith("eval.") and k not in allowed]
+    if refused:
+        raise ConfigError(f"metajax eval --set {', '.join(refused)}: evaluation can change "
+                          f"only eval.*, {', '.join(sorted(allowed))}; these were fixed by "
+                          "training.")
+    return config
 
 
 def format_table(result: dict, table_steps=(0, 1, 5, 10)) -> str:

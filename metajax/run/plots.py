@@ -61,7 +61,10 @@ def sinusoid_fit(algo, meta_params, apply_fn, source, plots_dir, *, steps=(1, 10
     x = jnp.linspace(-5.0, 5.0, 200)[:, None]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(x[:, 0], amplitude[task] * jnp.sin(x[:, 0] - phase[task]), "k-", lw=2, label="task")
-    ax.plot(x[:, 0], apply_fn(meta_params, x)[:, 0], "--", label="meta-learned init (0 steps)")
+    # The initialisation through algo.adapt: meta_params may hold more than the model's
+    # parameters (Meta-SGD's rates, MAML++'s), which apply_fn cannot take.
+    init = algo.adapt(meta_params, support, steps=0)
+    ax.plot(x[:, 0], apply_fn(init, x)[:, 0], "--", label="meta-learned init (0 steps)")
     for k in steps:
         adapted = algo.adapt(meta_params, support, steps=k)
         ax.plot(x[:, 0], apply_fn(adapted, x)[:, 0], label=f"after {k} step{'s' * (k != 1)}")

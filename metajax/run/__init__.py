@@ -1,0 +1,20 @@
+"""The experiment runner: configs, task families, the train loop, checkpoints, the CLI.
+
+Nothing outside this package imports it: ``import metajax`` gives the primitives alone.
+
+| module | holds |
+|---|---|
+| ``config`` | the config schema (a leaf module), ``--set`` parsing, JSON round trips |
+| ``config_files`` | finding and loading ``experiments/*.py`` by name |
+| ``families/`` | one module per task family, found by name |
+| ``setup`` | what a family builds: model, losses, task sources |
+| ``build`` | config -> experiment: the algorithm table, the outer optimizer |
+| ``loop`` | the train loop, resuming, ``evaluate_workdir`` |
+| ``workdir`` | a workdir's config record |
+| ``logs`` | metrics window, ``metrics.jsonl``, progress |
+| ``checkpoint`` | orbax checkpoints carrying their config |
+| ``evaluate`` | held-out evaluation, ``eval.json`` |
+| ``plots`` | learning curves and family figures |
+| ``predict`` | ``load(workdir).adapt_and_predict(...)`` |
+| ``cli`` | ``metajax train / eval / show / list`` |
+"""

@@ -1,0 +1,209 @@
+"""From a config to an experiment: the family's setup, the algorithm, the outer optimizer.
+
+The algorithm table says which ``metajax.algorithms`` function each ``algorithm.name`` is;
+the settings of :class:`~metajax.run.config.AlgorithmConfig` that the function takes are
+passed on, and one it does not take must keep its default. Metric-based algorithms
+(ProtoNets) meta-learn the family's ``embedding`` instead of its model: this module is the
+only place that knows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optax
+
+from metajax import algorithms
+from metajax.algorithms import MetaLearner
+from metajax.algorithms.protonets import protonet_logits
+from metajax.models.losses import accuracy_metric, classification_loss
+from metajax.run import families
+from metajax.run.config import AlgorithmConfig, Config, ConfigError, OptimizerConfig, suggest
+from metajax.run.setup import Setup
+from metajax.types import LossFn, MetricFn, Params
+
+
+class AlgorithmSpec(NamedTuple):
+    """One ``algorithm.name``: the function, settings it fixes, and whether it is metric-based."""
+
+    fn: Callable[..., MetaLearner]
+    fixed: dict[str, Any] = {}
+    metric_based: bool = False
+
+
+ALGORITHMS = {
+    "maml": AlgorithmSpec(algorithms.maml),
+    "fomaml": AlgorithmSpec(algorithms.maml, {"first_order": True}),
+    "anil": AlgorithmSpec(algorithms.anil),
+    "meta_sgd": AlgorithmSpec(algorithms.meta_sgd),
+    "mamlpp": AlgorithmSpec(algorithms.mamlpp),
+    "imaml": AlgorithmSpec(algorithms.imaml),
+    "reptile": AlgorithmSpec(algorithms.reptile),
+    "pretrain": AlgorithmSpec(algorithms.pretrain),
+    "protonets": AlgorithmSpec(algorithms.protonets, metric_based=True),
+}
+# Config fields that are not keyword arguments of the algorithm functions.
+_RUNNER_FIELDS = ("name", "inner_optimizer", "inner_optimizer_args")
+
+
+class Experiment(NamedTuple):
+    """A built experiment.
+
+    Attributes:
+      config: the config it was built from.
+      setup: the task family's setup.
+      algo: the :class:`MetaLearner`.
+      optimizer: the outer optax optimizer.
+      params: the initial parameters ``algo.init`` takes (the embedding's for ProtoNets).
+      loss_fn: the query loss of adapted parameters, for evaluation.
+      metric_fn: the query metrics of adapted parameters, or None.
+      predict_fn: ``predict_fn(adapted, inputs) -> outputs``.
+    """
+
+    config: Config
+    setup: Setup
+    algo: MetaLearner
+    optimizer: optax.GradientTransformation
+    params: Params
+    loss_fn: LossFn
+    metric_fn: MetricFn | None
+    predict_fn: Callable[..., Any]
+
+
+def build(config: Config) -> Experiment:
+    """Builds the experiment ``config`` describes (the model initialised from ``train.seed``).
+
+    Raises:
+      ConfigError: an unknown family or algorithm, a setting the algorithm does not take, or
+        a value the family or the algorithm refuses; nothing has been written.
+    """
+    family = families.load(config.family)
+    if not isinstance(config.task, family.TaskConfig):
+        raise ConfigError(f"config.task is a {type(config.task).__name__}; family "
+                          f"{config.family!r} takes {family.TaskConfig.__name__}.")
+    try:
+        setup = family.build(config)
+    except (ValueError, TypeError) as e:  # a source or model refusing the task's values
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"task: {e}") from None
+    spec = _spec(config.algorithm.name)
+    loss_fn, metric_fn, params, predict_fn = (
+        setup.loss_fn, setup.metric_fn, setup.params, setup.predict_fn)
+    extra = {}
+    if spec.metric_based:
+        if setup.embedding is None:
+            raise ConfigError(f"algorithm {config.algorithm.name!r} classifies by distances "
+                              f"between embeddings; family {config.family!r} is not a "
+                              "classification family with an embedding.")
+        embedding = setup.embedding
+
+        def predict_fn(adapted, x):
+            return protonet_logits(embedding.apply_fn, adapted, x)
+
+        params, loss_fn, metric_fn = (
+            embedding.params, classification_loss(predict_fn), accuracy_metric(predict_fn))
+        extra = {"ways": embedding.ways}
+    algo = make_algorithm(config.algorithm, setup, extra)
+    optimizer = make_optimizer(config.optimizer, config.train.steps)
+    if setup.wrap_optimizer is not None:
+        optimizer = setup.wrap_optimizer(optimizer)
+    return Experiment(config, setup, algo, optimizer, params, loss_fn, metric_fn, predict_fn)
+
+
+def _spec(name: str) -> AlgorithmSpec:
+    if name not in ALGORITHMS:
+        raise ConfigError(f"algorithm.name={name!r}: unknown{suggest(name, ALGORITHMS)}; "
+                          f"choose one of {', '.join(ALGORITHMS)}.")
+    return ALGORITHMS[name]
+
+
+def make_algorithm(cfg: AlgorithmConfig, setup: Setup, extra: dict | None = None) -> MetaLearner:
+    """The :class:`MetaLearner` ``cfg`` names, on the family's losses (or embedding)."""
+    spec = _spec(cfg.name)
+    accepted = inspect.signature(spec.fn).parameters
+    defaults = AlgorithmConfig()
+    kwargs = dict(extra or {})
+    for field in dataclasses.fields(AlgorithmConfig):
+        name = field.name
+        if name in _RUNNER_FIELDS:
+            continue
+        value = getattr(cfg, name)
+        if name in spec.fixed:
+            if value != getattr(defaults, name) and value != spec.fixed[name]:
+                raise ConfigError(f"algorithm.{name}={value!r}: {cfg.name} fixes "
+                                  f"{name}={spec.fixed[name]!r}.")
+            kwargs[name] = spec.fixed[name]
+        elif name in accepted:
+            if name == "head" and value is None:
+                value = setup.head
+                if value is None:
+                    raise ConfigError("algorithm.head: family has no default head; set "
+                                      "algorithm.head to a regex of the parameter paths to adapt.")
+            if value is not None or accepted[name].default is not inspect.Parameter.empty:
+                kwargs[name] = value
+        elif value != getattr(defaults, name):
+            raise ConfigError(f"algorithm.{name}={value!r}: {cfg.name} takes no {name!r}.")
+    if cfg.inner_optimizer is not None or cfg.inner_optimizer_args:
+        if "inner_optimizer" not in accepted:
+            raise ConfigError(f"algorithm.inner_optimizer={cfg.inner_optimizer!r}: {cfg.name} "
+                              "takes no inner optimizer.")
+        kwargs.update(inner_rule(cfg))
+    elif "inner_lr" not in accepted:
+        kwargs.pop("inner_lr", None)
+    if "metric_fn" in accepted and not spec.metric_based:
+        kwargs["metric_fn"] = setup.metric_fn
+    if setup.inner_mask is not None:  # ANIL restricts its inner loop by `head` instead
+        if "mask" in accepted:
+            kwargs["mask"] = setup.inner_mask
+        elif "head" not in accepted:
+            raise ConfigError(f"algorithm {cfg.name!r} cannot restrict its inner loop to part "
+                              "of the parameters, which this family's model asks for.")
+    first = setup.embedding.apply_fn if spec.metric_based else setup.loss_fn
+    try:
+        return spec.fn(first, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"algorithm {cfg.name}: {e}") from None
+
+
+def inner_rule(cfg: AlgorithmConfig) -> dict:
+    """``inner_optimizer`` (optax at ``inner_lr``) as keywords; Adam-like ones get
+    ``eps_root=1e-8`` unless set, since the derivative of ``sqrt(v)`` at 0 is infinite."""
+    if cfg.inner_optimizer is None:
+        raise ConfigError("algorithm.inner_optimizer_args given without "
+                          "algorithm.inner_optimizer.")
+    fn = getattr(optax, cfg.inner_optimizer, None)
+    if not callable(fn) or cfg.inner_optimizer.startswith("_"):
+        raise ConfigError(f"algorithm.inner_optimizer={cfg.inner_optimizer!r} is not an optax "
+                          f"optimizer{suggest(cfg.inner_optimizer, _optax_optimizers())}.")
+    args = dict(cfg.inner_optimizer_args)
+    if "eps_root" in inspect.signature(fn).parameters:
+        args.setdefault("eps_root", 1e-8)
+    try:
+        opt = fn(cfg.inner_lr, **args)
+    except TypeError as e:
+        raise ConfigError(f"algorithm.inner_optimizer_args={cfg.inner_optimizer_args!r}: "
+                          f"{e}") from None
+    return {"inner_lr": None, "inner_optimizer": opt}
+
+
+def _optax_optimizers() -> list[str]:
+    return ["adam", "adamw", "sgd", "rmsprop", "adagrad", "lamb", "lion", "adafactor"]
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int = 0) -> optax.GradientTransformation:
+    """The outer optimizer; a ``linear`` or ``cosine`` schedule reaches 0 at ``total_steps``."""
+    fn = getattr(optax, cfg.name, None)
+    if not callable(fn) or cfg.name.startswith("_"):
+        raise ConfigError(f"optimizer.name={cfg.name!r} is not an optax optimizer"
+                          f"{suggest(cfg.name, _optax_optimizers())}.")
+    lr = cfg.lr
+    if cfg.schedule == "linear":
+        lr = optax.linear_schedule(cfg.lr, 0.0, total_steps)
+    elif cfg.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(cfg.lr, total_steps)
+    opt = fn(lr)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm > 0 else opt

@@ -1,0 +1,173 @@
+"""``metajax``: the command-line runner.
+
+    metajax train CONFIG [--workdir DIR] [--set key=value ...] [--allow-changes]
+    metajax eval  [CONFIG] --workdir DIR [--set key=value ...]
+    metajax show  CONFIG [--set key=value ...]  |  metajax show --workdir DIR
+    metajax list
+
+CONFIG is an experiment name (``sinusoid``), a name with a variant (``sinusoid:tiny``) or a
+config file path (``experiments/sinusoid.py[:tiny]``). Several hosts: start one process per
+host with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or the
+``METAJAX_COORDINATOR``, ``METAJAX_NUM_PROCESSES``, ``METAJAX_PROCESS_ID`` variables).
+Config errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+DEFAULT_CACHE = os.path.join("~", ".cache", "metajax", "jax")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metajax", description="Run metajax experiments.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("train", "train (or resume) an experiment, then evaluate it"),
+                        ("eval", "evaluate the latest checkpoint of a workdir"),
+                        ("show", "print a resolved config, or a workdir's configs")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("config", nargs="?", help="experiment name[:variant] or config file path")
+        c.add_argument("--workdir", help="run directory (train default: runs/<config name>)")
+        c.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                       metavar="KEY=VALUE", help="override config fields, e.g. train.steps=100")
+        if name == "show":
+            continue
+        c.add_argument("--no-progress", action="store_true",
+                       help="no progress bar: one line per log step")
+        c.add_argument("--cache-dir", default=None,
+                       help=f"persistent compilation cache (default $METAJAX_CACHE_DIR or "
+                            f"{DEFAULT_CACHE}; 'none' disables)")
+        if name == "train":
+            c.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+            c.add_argument("--allow-changes", action="store_true",
+                           help="resume a workdir although the model, algorithm, optimizer or "
+                                "data changed (the change is recorded)")
+            g = c.add_argument_group("several processes (jax.distributed)")
+            g.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator")
+            g.add_argument("--num-processes", type=int)
+            g.add_argument("--process-id", type=int)
+            g.add_argument("--heartbeat-timeout", type=int, default=30,
+                           help="seconds before a silent process is declared dead and the "
+                                "others stop (default 30)")
+    sub.add_parser("list", help="list experiments and their variants, families, algorithms")
+    return p
+
+
+def setup_compilation_cache(cache_dir: str | None) -> None:
+    """Turns on JAX's persistent compilation cache unless something configured it already."""
+    import jax
+
+    if cache_dir is None:
+        if jax.config.jax_compilation_cache_dir:  # e.g. set by a test harness
+            return
+        cache_dir = os.environ.get("METAJAX_CACHE_DIR", DEFAULT_CACHE)
+    if cache_dir.lower() == "none":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def _split_config(args) -> None:
+    """``--set a=1 sinusoid`` puts the config name among the overrides: take it back."""
+    names = [item for item in args.overrides if "=" not in item]
+    if args.config is None and len(names) == 1:
+        args.config = names[0]
+        args.overrides = [item for item in args.overrides if item != names[0]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from metajax.run.config import ConfigError
+
+    args = parser().parse_args(argv)
+    if args.command == "list":
+        return _list()
+    _split_config(args)
+    try:
+        return _run(args)
+    except ConfigError as e:
+        print(f"metajax: config error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from metajax.run.config import ConfigError
+    from metajax.run.config_files import load_config
+
+    bad = [item for item in args.overrides if "=" not in item]
+    if bad:
+        raise ConfigError(f"--set {bad[0]!r}: expected key=value.")
+    if args.command == "show":
+        return _show(args)
+    if args.command == "train":
+        if args.config is None:
+            raise ConfigError("train needs a CONFIG (e.g. sinusoid:tiny); `metajax list` "
+                              "lists them.")
+        config = load_config(args.config, args.overrides)  # checked before any backend starts
+        from metajax.parallel import init_distributed
+
+        init_distributed(args.coordinator, args.num_processes, args.process_id,
+                         heartbeat_timeout_s=args.heartbeat_timeout)
+    elif args.workdir is None:
+        raise ConfigError("eval needs --workdir DIR (a metajax train run directory).")
+    setup_compilation_cache(args.cache_dir)
+    from metajax.run import loop
+    from metajax.run.logs import NonFiniteError
+
+    try:
+        if args.command == "train":
+            workdir = args.workdir or os.path.join("runs", config.name)
+            loop.train(config, workdir, progress=True, bar=False if args.no_progress else None,
+                       evaluate=False if args.no_eval else None,
+                       allow_changes=args.allow_changes)
+        else:
+            name = None if args.config is None else load_config(args.config).name
+            loop.evaluate_workdir(args.workdir, args.overrides, name=name)
+    except (NonFiniteError, loop.PeerFailedError) as e:
+        print(f"metajax: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _show(args) -> int:
+    from metajax.run.config import ConfigError, describe
+    from metajax.run.config_files import load_config
+
+    if args.workdir is not None:
+        if args.config is not None or args.overrides:
+            raise ConfigError("show --workdir DIR takes no CONFIG or --set.")
+        from metajax.run.workdir import history, read_config
+
+        current = read_config(args.workdir)
+        if current is None:
+            raise ConfigError(f"{args.workdir} holds no config.json: not a metajax train "
+                              "workdir.")
+        for entry in history(args.workdir):
+            changes = ", ".join(entry["changes"]) or "none"
+            print(f"# from step {entry['start_step']}: changed keys: {changes}")
+        print(describe(current))
+        return 0
+    if args.config is None:
+        raise ConfigError("show needs a CONFIG or --workdir DIR.")
+    print(describe(load_config(args.config, args.overrides)))
+    return 0
+
+
+def _list() -> int:
+    from metajax.run import families
+    from metajax.run.build import ALGORITHMS
+    from metajax.run.config_files import experiment_names, variants
+
+    print("experiments (name: variants):")
+    for name in experiment_names():
+        print(f"  {name}: {', '.join(variants(name)) or '(default only)'}")
+    print("task families:", ", ".join(families.names()))
+    print("algorithms:", ", ".join(ALGORITHMS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

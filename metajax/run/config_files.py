@@ -1,0 +1,78 @@
+"""Finding and loading config files: ``NAME[:VARIANT]`` or ``path/to/file.py[:VARIANT]``.
+
+A config file defines ``get_config(variant: str = "") -> Config`` and may list its variants
+in ``VARIANTS`` (shown by ``metajax list``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from metajax.run.config import Config, ConfigError, apply_overrides, suggest
+
+
+def search_path() -> list[Path]:
+    """Where config names are looked up: ``$METAJAX_EXPERIMENTS``, ./experiments, the repo's."""
+    extra = [Path(p) for p in os.environ.get("METAJAX_EXPERIMENTS", "").split(os.pathsep) if p]
+    return extra + [Path.cwd() / "experiments", Path(__file__).resolve().parents[2] / "experiments"]
+
+
+def experiment_names() -> list[str]:
+    names = set()
+    for d in search_path():
+        if d.is_dir():
+            names |= {p.stem for p in d.glob("*.py")
+                      if not p.stem.startswith("_") and "def get_config" in p.read_text()}
+    return sorted(names)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> Config:
+    """Loads ``NAME``, ``NAME:VARIANT`` or ``path/to/file.py[:VARIANT]`` and applies overrides.
+
+    Args:
+      spec: an experiment name (a file in :func:`search_path`) or a path,
+        optionally followed by ``:variant`` (e.g. ``sinusoid:tiny``).
+      overrides: ``"key=value"`` strings with dotted keys (``train.steps=100``).
+    """
+    target, _, variant = spec.partition(":")
+    path = Path(target)
+    if not (target.endswith(".py") or path.is_file()):
+        path = find(target)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    module = load_module(path)
+    try:
+        config = module.get_config(variant)
+    except ValueError as e:  # an unknown variant
+        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(config, Config):
+        raise ConfigError(f"{path}: get_config returned {type(config).__name__}, not a Config.")
+    return apply_overrides(config, overrides)
+
+
+def load_module(path: Path) -> ModuleType:
+    """Executes a config file and returns it as a module with ``get_config``."""
+    module_spec = importlib.util.spec_from_file_location(f"metajax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(variant).")
+    return module
+
+
+def find(name: str) -> Path:
+    """The config file of experiment ``name`` on :func:`search_path`."""
+    for d in search_path():
+        if (d / f"{name}.py").is_file():
+            return d / f"{name}.py"
+    raise ConfigError(f"no experiment {name!r}{suggest(name, experiment_names())}; "
+                      f"known: {', '.join(experiment_names()) or 'none'}.")
+
+
+def variants(name: str) -> tuple[str, ...]:
+    """The variants a config file lists in ``VARIANTS`` (empty if it lists none)."""
+    return tuple(getattr(load_module(find(name)), "VARIANTS", ()))

@@ -1,0 +1,197 @@
+"""The ``fewrel`` family: few-shot relation classification on FewRel-format data.
+
+A task draws N relations of the meta-split and K sentences of each; entity markers are
+inserted around the head and tail (:mod:`metajax.tasks.fewrel`) and an entity-pooled
+:class:`~metajax.models.transformer.TransformerClassifier` (the states at ``[E1]`` and ``[E2]``,
+concatenated) classifies them. Gradient-based algorithms adapt the whole classifier, N-way head
+included; ProtoNets meta-learns the same network without its head (``Setup.embedding``).
+
+Model inputs are ``(tokens int32 (n, L), positions int32 (n, 2))``; a user's sentences are
+FewRel dicts (``{"tokens": [...], "h": [name, id, [[positions]]], "t": [...]}``), turned into
+inputs by ``batch_fn(sentences, labels)`` and ``inputs_fn(sentences)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metajax.models.losses import accuracy_metric, classification_loss
+from metajax.models.transformer import TransformerClassifier, TransformerConfig, TransformerEncoder
+from metajax.run.config import Config, ConfigError
+from metajax.run.setup import Embedding, Setup
+from metajax.tasks import fewrel
+
+
+@dataclasses.dataclass(frozen=True)
+class FewRelTask:
+    """FewRel N-way K-shot relation classification and the Transformer that learns it.
+
+    Attributes:
+      protocol: cross_domain (meta-train on Wikipedia and SemEval relations, test on the 25
+        news relations), in_domain (Wikipedia relations split into train, validation and 5
+        test relations) or files (each split is every relation of its own files); relations
+        chosen from sorted ids, see metajax.tasks.fewrel.protocol_splits.
+      data_dir: folder of relative file names; none: $METAJAX_FEWREL_DIR or
+        ../shared/data/fewrel.
+      train_files: FewRel JSON files of meta-training; empty: the protocol's (cross_domain:
+        val_wiki.json and val_semeval.json; in_domain: val_wiki.json).
+      val_files: files of the validation relations; empty: the protocol's (as train_files).
+      test_files: files of the test relations; empty: the protocol's (cross_domain:
+        val_nyt.json; in_domain: the train files).
+      val_relations: relations of the meta-training pool held out for validation (0: none).
+      test_relations: in_domain: relations held out for meta-testing.
+      ways: N relations per task.
+      shots: K support sentences per relation.
+      queries: query sentences per relation.
+      tokenizer: word (lowercased words of the meta-training sentences, UNK for the rest;
+        at equal compute it meta-learns better than bytes, experiments/fewrel_tokenizers.py)
+        or byte (UTF-8 bytes, about 4 times longer sequences).
+      max_len: tokens per sentence, entity markers included; longer sentences are cut around
+        the entities; 0: 48 for words, 192 for bytes.
+      vocab_size: tokenizer word: the commonest meta-training words kept.
+      width: Transformer width.
+      depth: Transformer blocks.
+      heads: attention heads.
+      mlp_width: hidden width of each block's MLP.
+      eval_split: meta-split evaluated: test (relations never seen in meta-training) or
+        validation.
+    """
+
+    protocol: str = "cross_domain"
+    data_dir: str | None = None
+    train_files: tuple[str, ...] = ()
+    val_files: tuple[str, ...] = ()
+    test_files: tuple[str, ...] = ()
+    val_relations: int = 5
+    test_relations: int = 5
+    ways: int = 5
+    shots: int = 1
+    queries: int = 5
+    tokenizer: str = "word"
+    max_len: int = 0
+    vocab_size: int = 8000
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_width: int = 128
+    eval_split: str = "test"
+
+
+TaskConfig = FewRelTask
+# Keys that `metajax eval --set` may change on a trained workdir: what is evaluated, not
+# what was trained (other files would change the relations and so the word vocabulary).
+EVAL_KEYS = ("task.eval_split", "task.data_dir")
+
+
+def sources(task: FewRelTask, seed: int) -> tuple[fewrel.FewRel, fewrel.FewRel]:
+    """The meta-training source and the ``eval_split`` source, checked: every task drawable."""
+    _check(task)
+    try:
+        splits = fewrel.protocol_splits(
+            task.protocol,
+            task.train_files,
+            task.val_files,
+            task.test_files,
+            data_dir=task.data_dir,
+            num_val=task.val_relations,
+            num_test=task.test_relations,
+        )
+        common = dict(
+            ways=task.ways,
+            shots=task.shots,
+            queries=task.queries,
+            seed=seed,
+            max_len=task.max_len or fewrel.DEFAULT_MAX_LEN[task.tokenizer],
+            tokenizer=task.tokenizer,
+            vocab_size=task.vocab_size,
+        )
+        train = fewrel.FewRel(splits, split="train", **common)
+        test = fewrel.FewRel(splits, split=task.eval_split, **common)
+        train.check()
+        test.check()
+    except fewrel.FewRelError as e:
+        hint = " (set task.data_dir or $METAJAX_FEWREL_DIR)" if "cannot read" in str(e) else ""
+        raise ConfigError(f"task (protocol={task.protocol!r}): {e}{hint}") from None
+    return train, test
+
+
+def build(config: Config) -> Setup:
+    task: FewRelTask = config.task
+    train, test = sources(task, config.train.seed)
+    net = TransformerConfig(
+        vocab_size=train.num_tokens,
+        width=task.width,
+        depth=task.depth,
+        heads=task.heads,
+        mlp_width=task.mlp_width,
+        max_len=train.max_len,
+    )
+    model = TransformerClassifier(net, num_classes=task.ways, pad_id=train.pad_id, pool="entity")
+    encoder = TransformerEncoder(net, pad_id=train.pad_id, pool="entity")
+    apply = lambda params, x: model.apply(params, *x)
+    embed = lambda params, x: encoder.apply(params, *x)
+    x0 = (jnp.zeros((task.ways, train.max_len), jnp.int32), jnp.zeros((task.ways, 2), jnp.int32))
+    # One compiled init: op by op, each initializer of each shape would compile on its own.
+    params = jax.jit(model.init)(jax.random.key(config.train.seed), *x0)
+    # The encoder's parameters are the classifier's minus the head: one initial trunk.
+    trunk = {"params": {k: v for k, v in params["params"].items() if k != "head"}}
+
+    def batch_fn(sentences, labels):
+        labels = np.asarray(labels)
+        if labels.shape != (len(sentences),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"labels must be {len(sentences)} integers (one per sentence), "
+                f"got {labels.dtype} {labels.shape}."
+            )
+        if labels.min() < 0 or labels.max() >= task.ways:
+            raise ValueError(
+                f"labels must lie in 0..{task.ways - 1}, got {sorted(set(labels.tolist()))}."
+            )
+        return train.encode(sentences), labels.astype(np.int32)
+
+    return Setup(
+        params,
+        classification_loss(apply),
+        accuracy_metric(apply),
+        train,
+        test,
+        apply,
+        embedding=Embedding(trunk, embed, task.ways),
+        head="head",
+        batch_fn=batch_fn,
+        inputs_fn=train.encode,
+    )
+
+
+def _check(task: FewRelTask) -> None:
+    for name, low in (
+        ("ways", 2),
+        ("shots", 1),
+        ("queries", 1),
+        ("vocab_size", 1),
+        ("width", 1),
+        ("depth", 1),
+        ("heads", 1),
+        ("mlp_width", 1),
+        ("val_relations", 0),
+        ("test_relations", 0),
+        ("max_len", 0),
+    ):
+        if getattr(task, name) < low:
+            raise ConfigError(f"task.{name}={getattr(task, name)} must be >= {low}.")
+    if 0 < task.max_len < 4:
+        raise ConfigError(f"task.max_len={task.max_len}: needs room for the 4 entity markers.")
+    if task.tokenizer not in fewrel.TOKENIZERS:
+        raise ConfigError(f"task.tokenizer={task.tokenizer!r}: choose 'word' or 'byte'.")
+    if task.protocol not in ("cross_domain", "in_domain", "files"):
+        raise ConfigError(
+            f"task.protocol={task.protocol!r}: choose cross_domain, in_domain or files."
+        )
+    if task.eval_split not in ("validation", "test"):
+        raise ConfigError(f"task.eval_split={task.eval_split!r}: choose test or validation.")
+    if task.width % task.heads:
+        raise ConfigError(f"task.width={task.width} is not divisible by task.heads={task.heads}.")

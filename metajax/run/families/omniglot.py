@@ -1,0 +1,108 @@
+"""The ``omniglot`` family: N-way K-shot Omniglot with the MAML paper's 4-block ConvNet.
+
+Gradient-based algorithms adapt the whole :class:`~metajax.models.ConvNet`, N-way head
+included; ProtoNets meta-learns the same network without its head (``Setup.embedding``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from metajax.models.convnet import ConvNet, ConvNetConfig
+from metajax.models.losses import accuracy_metric, classification_loss
+from metajax.run.config import Config, ConfigError
+from metajax.run.setup import Embedding, Setup
+
+# The offline zips shipped beside the repository (8 background alphabets).
+DEFAULT_ZIP_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "omniglot"
+
+
+@dataclasses.dataclass(frozen=True)
+class OmniglotTask:
+    """Omniglot N-way K-shot classification (MAML paper, section 5.2).
+
+    Attributes:
+      ways: N classes per task.
+      shots: K support drawings per class.
+      queries: query drawings per class.
+      train_shots: support drawings per class in meta-training tasks (0: shots); Reptile
+        trains on more drawings than a test task has (Nichol et al., 2018).
+      filters: channels of each conv block (64 in the paper).
+      norm: ConvNet normalisation, batch (transductive, as in MAML), layer or none.
+      source: zips (offline builder over the official zips) or tfds (stock TFDS omniglot,
+        the full 30 + 20 alphabets where it can be downloaded).
+      zip_dir: folder with the zips; none: $METAJAX_OMNIGLOT_DIR or ../shared/data/omniglot.
+      data_dir: TFDS data dir for the prepared dataset; none: $TFDS_DATA_DIR or
+        ~/tensorflow_datasets.
+      download: source tfds: let TFDS download and prepare (needs TensorFlow).
+      eval_split: meta-split evaluated: test (alphabets never seen in meta-training) or
+        validation.
+    """
+
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    train_shots: int = 0
+    filters: int = 64
+    norm: str = "batch"
+    source: str = "zips"
+    zip_dir: str | None = None
+    data_dir: str | None = None
+    download: bool = False
+    eval_split: str = "test"
+
+
+TaskConfig = OmniglotTask
+# Keys that `metajax eval --set` may change on a trained workdir: what is evaluated, not
+# what was trained.
+EVAL_KEYS = ("task.eval_split", "task.zip_dir", "task.data_dir", "task.source")
+
+
+def zip_dir(task: OmniglotTask) -> str:
+    """Explicit ``task.zip_dir``, else ``$METAJAX_OMNIGLOT_DIR``, else the shared zips."""
+    return task.zip_dir or os.environ.get("METAJAX_OMNIGLOT_DIR") or str(DEFAULT_ZIP_DIR)
+
+
+def build(config: Config) -> Setup:
+    from metajax.tasks.omniglot import Omniglot
+
+    task: OmniglotTask = config.task
+    _check(task)
+    seed = config.train.seed
+    net = ConvNetConfig(ways=task.ways, filters=task.filters, norm=task.norm)
+    x0 = jnp.zeros((task.ways, 28, 28, 1), jnp.uint8)
+    key = jax.random.key(seed)
+    model = ConvNet(net)
+    embed = ConvNet(dataclasses.replace(net, head=False))
+    # uint8 images: a quarter of the host-to-device bytes; the ConvNet scales them by 1/255.
+    common = dict(ways=task.ways, shots=task.shots, queries=task.queries, seed=seed,
+                  source=task.source, zip_dir=zip_dir(task), data_dir=task.data_dir,
+                  download=task.download, dtype="uint8")
+    train = Omniglot(split="train", **{**common, "shots": task.train_shots or task.shots})
+    test = Omniglot(split=task.eval_split, **common)
+    return Setup(model.init(key, x0), classification_loss(model.apply),
+                 accuracy_metric(model.apply), train, test, model.apply,
+                 embedding=Embedding(embed.init(key, x0), embed.apply, task.ways), head="head")
+
+
+def _check(task: OmniglotTask) -> None:
+    for name in ("ways", "shots", "queries", "filters"):
+        if getattr(task, name) < 1:
+            raise ConfigError(f"task.{name}={getattr(task, name)} must be >= 1.")
+    if task.train_shots < 0:
+        raise ConfigError(f"task.train_shots={task.train_shots} must be >= 0 (0: task.shots).")
+    if task.source not in ("zips", "tfds"):
+        raise ConfigError(f"task.source={task.source!r}: choose 'zips' or 'tfds'.")
+    if task.source == "zips":
+        from metajax.tasks.omniglot_builder import ZIP_SPLITS
+
+        folder = Path(zip_dir(task))
+        if not any((folder / f"{stem}.zip").is_file() for stem in ZIP_SPLITS):
+            raise ConfigError(f"Omniglot folder {folder} holds none of the official zips "
+                              f"({', '.join(s + '.zip' for s in ZIP_SPLITS)}): set "
+                              "task.zip_dir or $METAJAX_OMNIGLOT_DIR to their folder.")

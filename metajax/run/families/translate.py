@@ -1,0 +1,144 @@
+"""The ``translate`` family: few-shot translation from English into a language never seen.
+
+A small decoder :class:`~metajax.models.TransformerLM` over byte tokens (vocabulary
+:data:`metajax.tasks.translate.VOCAB_SIZE`) reads ``BOS english SEP`` and writes the target
+name, then END. A task is one target language; its support K (English, target) pairs of CLDR
+display names (:mod:`metajax.tasks.translate`), its query Q other pairs. The loss is
+next-token cross-entropy on the target bytes and END only (the mask); the metric the query
+bits per target byte. Meta-test and validation languages come from families and scripts
+never seen in meta-training (:func:`metajax.tasks.translate.language_split`).
+
+``predict_fn`` translates greedily (jitted, ``decode_len`` tokens at most): ``inputs_fn`` turns
+a list of English strings into prompts, ``outputs_fn`` the generated tokens into strings, and
+``batch_fn`` takes the support set as a list of (English, target) string pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from metajax.models.losses import next_token_loss
+from metajax.models.transformer import TransformerConfig, TransformerLM
+from metajax.run.config import Config, ConfigError
+from metajax.run.setup import Setup
+from metajax.tasks import translate, words
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Few-shot English-to-X translation tasks, and the decoder that translates.
+
+    Attributes:
+      kinds: CLDR name kinds the pairs come from: territories, languages, scripts,
+        currencies.
+      shots: K, support pairs per task.
+      queries: Q, query pairs per task.
+      max_len: tokens per sequence (BOS, English bytes, SEP, target bytes, END); longer pairs
+        are dropped.
+      width: Transformer width.
+      depth: Transformer blocks.
+      heads: attention heads.
+      mlp_width: hidden width of each block's MLP.
+      eval_split: meta-split evaluated: test (held-out families and scripts) or validation
+        (for choosing checkpoints and rates).
+      decode_len: tokens generated per translation at most (END included); at most
+        max_len - 3.
+    """
+
+    kinds: tuple[str, ...] = translate.DEFAULT_KINDS
+    shots: int = 8
+    queries: int = 16
+    max_len: int = 64
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_width: int = 256
+    eval_split: str = "test"
+    decode_len: int = 56
+
+
+# What `metajax eval --set` may change: the evaluated split and the translation length.
+EVAL_KEYS = ("task.eval_split", "task.decode_len")
+
+
+def check(task: TaskConfig) -> None:
+    """Raises ConfigError naming the first field out of range."""
+    if not task.kinds or any(k not in translate.KINDS for k in task.kinds):
+        raise ConfigError(f"task.kinds={task.kinds!r}: choose from {translate.KINDS}.")
+    if len(set(task.kinds)) != len(task.kinds):
+        raise ConfigError(f"task.kinds={task.kinds!r}: a kind is repeated.")
+    for name in ("shots", "queries", "width", "depth", "heads", "mlp_width"):
+        if getattr(task, name) < 1:
+            raise ConfigError(f"task.{name}={getattr(task, name)} must be >= 1.")
+    if task.max_len < 5:
+        raise ConfigError(f"task.max_len={task.max_len} must be >= 5 (BOS, SEP, END, 2 bytes).")
+    if not 1 <= task.decode_len <= task.max_len - 3:
+        raise ConfigError(
+            f"task.decode_len={task.decode_len} must be in [1, max_len - 3 = {task.max_len - 3}]."
+        )
+    if task.eval_split not in ("validation", "test"):
+        raise ConfigError(f"task.eval_split={task.eval_split!r}: choose validation or test.")
+
+
+def transformer_config(task: TaskConfig) -> TransformerConfig:
+    try:
+        return TransformerConfig(
+            vocab_size=translate.VOCAB_SIZE,
+            width=task.width,
+            depth=task.depth,
+            heads=task.heads,
+            mlp_width=task.mlp_width,
+            max_len=task.max_len,
+        )
+    except ValueError as e:
+        raise ConfigError(f"task: {e}") from None
+
+
+def build(config: Config) -> Setup:
+    task: TaskConfig = config.task
+    check(task)
+    seed = config.train.seed
+    model = TransformerLM(transformer_config(task))
+    # Jitted: one compile instead of many small eager ops (the same values).
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, task.max_len), jnp.int32))
+
+    def metric_fn(params, batch):
+        tokens, mask = batch
+        # Bits per target byte: all target NLL (END included) over the target bytes.
+        return {"bits_per_byte": words.bits_per_byte(model.apply(params, tokens), tokens, mask)}
+
+    def predict_fn(adapted, inputs):
+        prompts, lengths = inputs
+        return translate.greedy_translate(model.apply, adapted, prompts, lengths, task.decode_len)
+
+    def batch_fn(support_pairs, y=None):
+        del y  # the targets are in the pairs
+        tokens, mask = translate.encode_pairs(list(support_pairs), task.max_len)
+        return jnp.asarray(tokens), jnp.asarray(mask)
+
+    def inputs_fn(query_sources):
+        prompts, lengths = translate.encode_prompts(list(query_sources), task.max_len)
+        return jnp.asarray(prompts), jnp.asarray(lengths)
+
+    common = dict(
+        shots=task.shots,
+        queries=task.queries,
+        seed=seed,
+        max_len=task.max_len,
+        kinds=tuple(task.kinds),
+    )
+    return Setup(
+        params,
+        next_token_loss(model.apply),
+        metric_fn,
+        translate.Translate(split="train", **common),
+        translate.Translate(split=task.eval_split, **common),
+        predict_fn,
+        head="head|embed",
+        batch_fn=batch_fn,
+        inputs_fn=inputs_fn,
+        outputs_fn=translate.to_strings,
+    )

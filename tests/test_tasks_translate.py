@@ -1,0 +1,210 @@
+"""Few-shot translation from CLDR names: pairs, split, encoding, sampling, decoding, metrics."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+pytest.importorskip("babel")
+pytest.importorskip("sacrebleu")
+
+import metajax  # noqa: E402
+from metajax.models import TransformerConfig, TransformerLM, next_token_loss  # noqa: E402
+from metajax.models.decoding import bytes_to_strings, greedy_decode  # noqa: E402
+from metajax.tasks import translate as T  # noqa: E402
+from metajax.tasks.words import bits_per_byte  # noqa: E402
+
+
+def test_known_pairs_and_dropped_identical_names():
+    from babel import Locale
+
+    pairs = T.load_pairs("fi")
+    assert Locale("fi").territories["DE"] == "Saksa" and ("Germany", "Saksa") in pairs
+    assert ("German", "saksa") in pairs  # languages follow territories
+    # Finnish calls Albania "Albania": that pair carries nothing to learn and is dropped.
+    assert Locale("fi").territories["AL"] == "Albania"
+    assert all(src != tgt for src, tgt in pairs) and "Albania" not in dict(pairs)
+    sources = [s for s, _ in pairs]
+    assert len(sources) == len(set(sources))  # one target per English source
+    assert pairs == T.load_pairs("fi")  # deterministic order
+    assert len(T.load_pairs("fi", ("territories",))) == 175
+    assert T.load_pairs("fi", ("currencies",))[0] == ("Andorran Peseta", "Andorran peseta")
+    with pytest.raises(ValueError, match="kinds"):
+        T.load_pairs("fi", ("countries",))
+    with pytest.raises(ValueError, match="lang='xx'"):
+        T.load_pairs("xx")
+
+
+def test_split_holds_out_families_and_scripts():
+    split = T.language_split()
+    assert split["test"] == ("kn", "ko", "lo", "ml", "ta", "te", "th")
+    assert split["validation"] == ("chr", "el", "hy", "ka")
+    assert len(split["train"]) == 221 and {"fi", "de", "zh", "ar", "sw"} <= set(split["train"])
+    assert T.unused_heldout_languages() == ("brh", "kxv", "shn", "za")
+    train, val, test = (set(split[s]) for s in ("train", "validation", "test"))
+    assert not (train & test) and not (train & val) and not (val & test)
+    fams = {s: {T.family(x) for x in split[s]} for s in split}
+    assert not fams["train"] & (fams["test"] | fams["validation"])
+    assert not fams["test"] & fams["validation"]
+    scripts = {s: {c for x in split[s] for c in T.scripts(x)} for s in split}
+    assert scripts["test"] == {"KANNADA", "HANGUL", "LAO", "MALAYALAM", "TAMIL", "TELUGU", "THAI"}
+    assert not scripts["train"] & (scripts["test"] | scripts["validation"])
+    assert "no" not in train and "nb" in train  # "no" duplicates "nb"
+    assert not set(T.EXTRA_FAMILIES) & set(T.lang_lib.FAMILIES)
+
+
+def test_encoding_masks_exactly_target_bytes_and_end():
+    tokens, mask = T.encode_pairs([("Germany", "Saksa"), ("Sweden", "Ruotsi")], max_len=16)
+    expected = [T.BOS, *b"Germany", T.SEP, *b"Saksa", T.END, T.PAD]
+    np.testing.assert_array_equal(tokens[0], expected)
+    np.testing.assert_array_equal(np.flatnonzero(mask[0]), np.arange(9, 15))  # S..a, END
+    assert mask.sum() == (5 + 1) + (6 + 1)
+    # Multi-byte UTF-8: every byte of the target is a target.
+    tokens, mask = T.encode_pairs([("Japan", "日本")], max_len=16)
+    assert mask.sum() == 6 + 1 and tokens[0, 7 + 6] == T.END
+    prompts, lengths, refs = T.split_sequences(tokens)
+    assert refs == ["日本"] and lengths.tolist() == [7]
+    np.testing.assert_array_equal(prompts[0, :8], [T.BOS, *b"Japan", T.SEP, T.PAD])
+    with pytest.raises(ValueError, match="max_len=8"):
+        T.encode_pairs([("Germany", "Saksa")], max_len=8)
+    assert not T.fits(("Germany", "Saksa"), 14) and T.fits(("Germany", "Saksa"), 15)
+
+
+def test_sampling_is_deterministic_and_varies():
+    src = T.Translate("test", shots=4, queries=3, seed=1, max_len=48)
+    a, b = src.sample(5, 4), src.sample(5, 4)
+    assert a.support[0].shape == (4, 4, 48) and a.query[1].shape == (4, 3, 48)
+    np.testing.assert_array_equal(a.support[0], b.support[0])
+    np.testing.assert_array_equal(a.query[0][2:], src.sample(5, 2, first_task=2).query[0])
+    assert not np.array_equal(a.support[0], src.sample(6, 4).support[0])
+    for t in range(4):  # support and query pairs of a task are distinct
+        rows = np.concatenate([a.support[0][t], a.query[0][t]])
+        assert len({r.tobytes() for r in rows}) == 7
+    langs = src.sample_languages(5, 4)
+    assert set(langs) <= set(T.language_split()["test"])
+    # The mask of a sampled sequence covers its target and END, as encode_pairs makes it.
+    _, _, refs = T.split_sequences(a.support[0][0])
+    assert a.support[1][0].sum() == sum(len(r.encode()) + 1 for r in refs)
+    with pytest.raises(ValueError, match="shots=0"):
+        T.Translate("train", shots=0)
+
+
+def _table_apply(primary, fallback):
+    """A known LM: the next token after ``t`` is ``primary[t]`` (logit 10), else ``fallback[t]``
+    (logit 5); ``params`` scales the logits so jit sees a real argument."""
+
+    def apply_fn(params, tokens):
+        v = T.VOCAB_SIZE
+        return params * (
+            10.0 * jax.nn.one_hot(primary[tokens], v) + 5.0 * jax.nn.one_hot(fallback[tokens], v)
+        )
+
+    return apply_fn
+
+
+def test_greedy_decoding_on_known_logits():
+    primary = np.full(T.VOCAB_SIZE, ord("x"), np.int32)
+    fallback = np.full(T.VOCAB_SIZE, ord("x"), np.int32)
+    primary[T.SEP], primary[ord("h")], primary[ord("i")] = ord("h"), ord("i"), T.END
+    primary[ord("a")] = 0xC3  # after "a" (prompt 2): "ä" as two bytes, then END
+    primary[0xC3], primary[0xA4] = 0xA4, T.END
+    primary[ord("q")], fallback[ord("q")] = T.BOS, 0xFF  # BOS banned: invalid byte instead
+    apply_fn = _table_apply(jnp.asarray(primary), jnp.asarray(fallback))
+    prompts, lengths = T.encode_prompts(["ok", "a", "q"], max_len=12)
+    prompts[1:, 2], lengths[1:] = T.PAD, 2  # prompts 2 and 3 are BOS "a" and BOS "q"
+    run = functools.partial(T.greedy_translate, apply_fn, steps=5)
+    out = run(jnp.float32(1.0), prompts, lengths)
+    np.testing.assert_array_equal(
+        out,
+        [
+            [ord("h"), ord("i"), T.END, T.PAD, T.PAD],
+            [0xC3, 0xA4, T.END, T.PAD, T.PAD],
+            [0xFF, ord("x"), ord("x"), ord("x"), ord("x")],
+        ],
+    )
+    assert T.to_strings(out) == ["hi", "ä", "\ufffdxxxx"]
+    with jax.disable_jit():
+        eager = run(jnp.float32(1.0), prompts, lengths)
+    np.testing.assert_array_equal(jax.jit(run)(jnp.float32(1.0), prompts, lengths), eager)
+    # A full buffer stops a row: "BOS ok SEP" (4) leaves 8 slots of 12, "BOS q" (2) 10.
+    long = greedy_decode(apply_fn, 1.0, prompts, lengths, steps=10, end_id=-1, pad_id=T.PAD)
+    assert (long[0] != T.PAD).sum() == 8 and (long[2] != T.PAD).sum() == 10
+    assert long[2, 0] == T.BOS  # nothing banned here
+    assert bytes_to_strings(np.array([[104, 105, 7, 106]]), end_id=7) == ["hi"]
+
+
+def test_chrf_and_metrics_function():
+    assert T.chrf(["Saksa", "Ruotsi"], ["Saksa", "Ruotsi"]) == pytest.approx(100.0)
+    assert T.chrf(["abcd"], ["wxyz"]) < 1.0
+    with pytest.raises(ValueError, match="references"):
+        T.chrf(["a"], [])
+    # A model that always answers "hi": exact on the "hi" query, chrF strictly between.
+    primary = np.full(T.VOCAB_SIZE, ord("x"), np.int32)
+    primary[T.SEP], primary[ord("h")], primary[ord("i")] = ord("h"), ord("i"), T.END
+    apply_fn = _table_apply(jnp.asarray(primary), jnp.asarray(primary))
+    batch = T.encode_pairs([("a", "hi"), ("b", "ho")], max_len=8)
+    scores = T.translation_metrics(apply_fn, decode_steps=4)(jnp.float32(1.0), batch)
+    assert scores["exact_match"] == 0.5
+    assert 0.0 < scores["chrf"] < 100.0
+    expected = bits_per_byte(apply_fn(1.0, batch[0]), *batch)
+    assert scores["bits_per_byte"] == pytest.approx(float(expected))
+
+
+def test_maml_meta_grad_on_sampled_tasks_is_finite():
+    # Two explicit languages: no need to load every locale for the default split here.
+    src = T.Translate("train", 2, 2, seed=0, max_len=40, languages=(("fi", "sw"), (), ()))
+    cfg = TransformerConfig(
+        vocab_size=T.VOCAB_SIZE, width=16, depth=1, heads=2, mlp_width=32, max_len=40
+    )
+    model = TransformerLM(cfg)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 40), jnp.int32))
+    algo = metajax.maml(next_token_loss(model.apply), inner_steps=1, inner_lr=0.1)
+    opt = optax.adam(1e-2)
+    state = opt.init(params)
+    step_fn = jax.jit(algo.meta_grad)
+    losses = []
+    for step in range(2):
+        grads, metrics = step_fn(params, jax.tree.map(jnp.asarray, src.sample(step, 2)))
+        leaves = jax.tree.leaves(grads)
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+        assert float(optax.tree.norm(grads)) > 0.0
+        updates, state = opt.update(grads, state)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(metrics["loss_after"]))
+    assert np.all(np.isfinite(losses)) and losses[0] == pytest.approx(np.log(T.VOCAB_SIZE), 0.1)
+
+
+def test_family_module_builds_and_translates_user_data():
+    family = pytest.importorskip("metajax.run.families.translate")
+    from metajax.run.config import Config, ConfigError
+
+    task = family.TaskConfig(
+        shots=2, queries=2, max_len=32, width=16, depth=1, heads=2, mlp_width=32, decode_len=6
+    )
+    setup = family.build(Config(name="t", family="translate", task=task))
+    tokens, mask = setup.batch_fn([("Germany", "Saksa"), ("Sweden", "Ruotsi")], None)
+    assert tokens.shape == (2, 32) and float(mask.sum()) == 6 + 7
+    assert float(jax.jit(setup.loss_fn)(setup.params, (tokens, mask))) == pytest.approx(
+        np.log(T.VOCAB_SIZE), rel=0.05
+    )
+    prompts, lengths = setup.inputs_fn(["France", "Japan"])
+    assert lengths.tolist() == [8, 7]
+    out = jax.jit(setup.predict_fn)(setup.params, (prompts, lengths))
+    assert out.shape == (2, 6) and not np.isin(np.asarray(out), [T.BOS, T.SEP]).any()
+    # predict_fn is greedy decoding of this model: its first token is the argmax at SEP.
+    logits = jax.jit(TransformerLM(family.transformer_config(task)).apply)(setup.params, prompts)
+    at_sep = np.asarray(logits)[np.arange(2), np.asarray(lengths) - 1]
+    at_sep[:, [T.PAD, T.BOS, T.SEP]] = -np.inf
+    np.testing.assert_array_equal(np.asarray(out)[:, 0], at_sep.argmax(-1))
+    assert setup.outputs_fn(out) == T.to_strings(out) and len(setup.outputs_fn(out)) == 2
+    assert setup.eval_source.split == "test" and setup.train_source.shots == 2
+    with pytest.raises(ConfigError, match="task.decode_len=30"):
+        family.build(
+            Config(name="t", family="translate", task=dataclasses.replace(task, decode_len=30))
+        )
+    with pytest.raises(ConfigError, match="task.kinds"):
+        family.check(dataclasses.replace(task, kinds=("countries",)))
