@@ -25,8 +25,7 @@ from benchmarks.run import SMOKE, STANDARD  # noqa: E402
 
 def main() -> None:
     case = cases.transformer_case(**(SMOKE if "--smoke" in sys.argv else STANDARD))
-    algo = mj.maml(case.loss_fn, inner_steps=case.inner_steps, inner_lr=case.inner_lr,
-                   task_batch=1)
+    algo = mj.maml(case.loss_fn, inner_steps=case.inner_steps, inner_lr=case.inner_lr, task_batch=1)
     optimizer = optax.adam(1e-3)
     state = mj.train_state(algo, case.params, optimizer)
     step = mj.make_train_step(algo, optimizer)

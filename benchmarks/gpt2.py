@@ -138,9 +138,13 @@ def row_line(row: dict) -> str:
     time_s = f"{row['median_s']:.2f} s" if "median_s" in row else row.get("skipped", "-")
     return (
         f"{row['tasks']} task(s) {row['inner']:>4} {row['algorithm']:>7}: step {time_s}, "
-        f"compile {row['compile_s']:.1f} s, {row['flops'] / 1e9:.1f} GFLOP, "
+        f"compile {row['compile_s']:.1f} s, {_gflop(row['flops'])} GFLOP, "
         f"temp {row['temp_bytes'] / 2**20:.0f} MiB"
     )
+
+
+def _gflop(flops: float) -> str:
+    return f"{flops / 1e9:.1f}" if flops >= 1e10 else f"{flops / 1e9:.3g}"
 
 
 def _ratio(a: dict | None, b: dict | None, key: str) -> str:
@@ -164,7 +168,7 @@ def markdown(info: dict, rows: list[dict], header: dict) -> str:
         step = f"{r['median_s']:.2f} s" if "median_s" in r else r.get("skipped", "-")
         lines.append(
             f"| {r['tasks']} | {r['inner']} | {r['algorithm']} | {step} | "
-            f"{r['compile_s']:.1f} s | {r['flops'] / 1e9:.1f} | {r['temp_bytes'] / 2**20:,.0f} MiB |"
+            f"{r['compile_s']:.1f} s | {_gflop(r['flops'])} | {r['temp_bytes'] / 2**20:,.0f} MiB |"
         )
     find = {(r["tasks"], r["inner"], r["algorithm"]): r for r in rows}
     lines += [

@@ -12,7 +12,8 @@ machine moved in between.
 
 - ``sinusoid``: the quick start (MLP 1-40-40-1, meta-batch 25, second-order MAML, one inner
   step); its tasks are sampled on the device.
-- ``omniglot``: 5-way 1-shot, a 16-filter ConvNet, meta-batch 8, sampled on the host from
+- ``omniglot``: ``omniglot:tiny`` with 16 filters and 5 queries per class (5-way 1-shot,
+  meta-batch 8, second-order MAML, one inner step), sampled on the host from
   ``../shared/data/omniglot`` (skipped with a message when absent).
 
 Warm cases (``warm_*``) start ``metajax train`` twice in new processes with one fresh
@@ -39,13 +40,23 @@ OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
 
 LOOP_CASES = {
     "sinusoid": ("sinusoid", ["train.steps=4000", "train.log_every=200"]),
-    "omniglot": ("omniglot:tiny", ["train.steps=240", "train.log_every=20", "task.filters=16",
-                                   "task.queries=5"]),
+    "omniglot": (
+        "omniglot:tiny",
+        ["train.steps=60", "train.log_every=10", "task.filters=16", "task.queries=5"],
+    ),
 }
 # The standard benchmark case's Transformer (width 128, 2 layers, 4 heads, MLP 512,
 # 32 tokens, 5 support and 15 query sequences, 5 inner steps) on the words_lm family.
-STANDARD = ["task.width=128", "task.depth=2", "task.heads=4", "task.mlp_width=512",
-            "task.max_len=32", "task.shots=5", "task.queries=15", "algorithm.inner_steps=5"]
+STANDARD = [
+    "task.width=128",
+    "task.depth=2",
+    "task.heads=4",
+    "task.mlp_width=512",
+    "task.max_len=32",
+    "task.shots=5",
+    "task.queries=15",
+    "algorithm.inner_steps=5",
+]
 WARM_CASES = {
     "warm_sinusoid": ("sinusoid", ["train.steps=200", "train.log_every=100"]),
     "warm_words_lm_tiny": ("words_lm:tiny", ["train.steps=4"]),
@@ -57,8 +68,9 @@ def _config(name: str, overrides: list[str]):
     from metajax.run.config_files import load_config
 
     steps = next(int(o.split("=")[1]) for o in overrides if o.startswith("train.steps="))
-    return load_config(name, [*overrides, f"train.checkpoint_every={steps}",
-                              "eval.after_train=false"])
+    return load_config(
+        name, [*overrides, f"train.checkpoint_every={steps}", "eval.after_train=false"]
+    )
 
 
 def runner_rate(config) -> float:
@@ -74,30 +86,38 @@ def runner_rate(config) -> float:
     return (rows[-1]["step"] - rows[0]["step"]) / seconds
 
 
-def bare_rate(config) -> float:
-    """Meta-steps per second of the jitted step alone on the runner's timed batches."""
-    import jax
+class BareStep:
+    """The jitted step alone (``make_train_step`` on the runner's mesh), compiled once, on the
+    batches of the runner's timed steps, sampled and placed on the devices beforehand."""
 
-    from metajax import parallel
-    from metajax.run import loop
-    from metajax.run.build import build
-    from metajax.train import make_train_step, place_state, train_state
+    def __init__(self, config):
+        from metajax import parallel
+        from metajax.run import loop
+        from metajax.run.build import build
+        from metajax.train import make_train_step, place_state, train_state
 
-    tc = config.train
-    exp = build(config)
-    mesh = loop._mesh(tc)
-    step_fn = make_train_step(exp.algo, exp.optimizer, mesh=mesh)
-    state = place_state(train_state(exp.algo, exp.params, exp.optimizer), mesh)
-    source = exp.setup.train_source
-    batches = [parallel.shard_tasks(source.sample(s, tc.meta_batch), mesh)
-               for s in range(tc.log_every, tc.steps)]
-    state, metrics = step_fn(state, batches[0])  # compile
-    jax.block_until_ready((state, metrics, batches))
-    start = time.perf_counter()
-    for tasks in batches:
-        state, metrics = step_fn(state, tasks)
-    jax.block_until_ready((state, metrics))
-    return len(batches) / (time.perf_counter() - start)
+        tc = config.train
+        exp = build(config)
+        mesh = loop._mesh(tc)
+        self.step = make_train_step(exp.algo, exp.optimizer, mesh=mesh)
+        self.fresh = lambda: place_state(train_state(exp.algo, exp.params, exp.optimizer), mesh)
+        source = exp.setup.train_source
+        self.batches = [
+            parallel.shard_tasks(source.sample(s, tc.meta_batch), mesh)
+            for s in range(tc.log_every, tc.steps)
+        ]
+
+    def rate(self) -> float:
+        """Meta-steps per second over all the batches (after one step to compile)."""
+        import jax
+
+        state, metrics = self.step(self.fresh(), self.batches[0])
+        jax.block_until_ready((state, metrics, self.batches))
+        start = time.perf_counter()
+        for tasks in self.batches:
+            state, metrics = self.step(state, tasks)
+        jax.block_until_ready((state, metrics))
+        return len(self.batches) / (time.perf_counter() - start)
 
 
 def loop_case(name: str) -> dict | None:
@@ -106,13 +126,19 @@ def loop_case(name: str) -> dict | None:
         print(f"skipping {name}: {OMNIGLOT} does not exist", file=sys.stderr)
         return None
     config = _config(config_name, overrides)
-    before = bare_rate(config)
+    bare_step = BareStep(config)
+    before = bare_step.rate()
     runner = runner_rate(config)
-    after = bare_rate(config)
+    after = bare_step.rate()
     bare = (before + after) / 2
-    return {"case": name, "steps": config.train.steps, "bare_steps_per_s": bare,
-            "bare_before_after": (before, after), "runner_steps_per_s": runner,
-            "ratio": runner / bare}
+    return {
+        "case": name,
+        "steps": config.train.steps,
+        "bare_steps_per_s": bare,
+        "bare_before_after": (before, after),
+        "runner_steps_per_s": runner,
+        "ratio": runner / bare,
+    }
 
 
 READY = re.compile(r"meta-step ready in ([0-9.]+) s")
@@ -126,9 +152,22 @@ def warm_case(name: str) -> dict:
     ready, wall = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for run in ("cold", "warm"):
-            cmd = [sys.executable, "-m", "metajax.run.cli", "train", config_name, "--no-progress",
-                   "--no-eval", "--workdir", f"{tmp}/{run}", "--cache-dir", f"{tmp}/cache",
-                   "--set", *overrides, f"train.checkpoint_every={steps.split('=')[1]}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "metajax.run.cli",
+                "train",
+                config_name,
+                "--no-progress",
+                "--no-eval",
+                "--workdir",
+                f"{tmp}/{run}",
+                "--cache-dir",
+                f"{tmp}/cache",
+                "--set",
+                *overrides,
+                f"train.checkpoint_every={steps.split('=')[1]}",
+            ]
             start = time.perf_counter()
             out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             wall.append(time.perf_counter() - start)
@@ -138,14 +177,24 @@ def warm_case(name: str) -> dict:
             if match is None:
                 raise RuntimeError(f"no 'meta-step ready' line in:\n{out.stdout}")
             ready.append(float(match.group(1)))
-    return {"case": name, "ready_cold_s": ready[0], "ready_warm_s": ready[1],
-            "process_cold_s": wall[0], "process_warm_s": wall[1]}
+    return {
+        "case": name,
+        "ready_cold_s": ready[0],
+        "ready_warm_s": ready[1],
+        "process_cold_s": wall[0],
+        "process_warm_s": wall[1],
+    }
 
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -153,24 +202,36 @@ def _commit() -> str:
 def markdown(loops: list[dict], warms: list[dict]) -> str:
     import jax
 
-    lines = [f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {_commit()} (+ working "
-             f"tree), {platform.machine()} {os.cpu_count()} cores, load average "
-             f"{os.getloadavg()[0]:.1f}, jax {jax.__version__}", ""]
+    lines = [
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {_commit()} (+ working "
+        f"tree), {platform.machine()} {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}, jax {jax.__version__}",
+        "",
+    ]
     if loops:
-        lines += ["| case | steps | bare step (steps/s) | runner (steps/s) | runner / bare |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            "| case | steps | bare step (steps/s) | runner (steps/s) | runner / bare |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for r in loops:
             b0, b1 = r["bare_before_after"]
-            lines.append(f"| {r['case']} | {r['steps']} | {r['bare_steps_per_s']:.0f} "
-                         f"({b0:.0f}, {b1:.0f}) | {r['runner_steps_per_s']:.0f} | "
-                         f"{r['ratio']:.2f} |")
+            lines.append(
+                f"| {r['case']} | {r['steps']} | {r['bare_steps_per_s']:.4g} "
+                f"({b0:.4g}, {b1:.4g}) | {r['runner_steps_per_s']:.4g} | "
+                f"{r['ratio']:.2f} |"
+            )
         lines.append("")
     if warms:
-        lines += ["| case | meta-step ready, cold (s) | ready, warm (s) | process, cold (s) "
-                  "| process, warm (s) |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "| case | meta-step ready, cold (s) | ready, warm (s) | process, cold (s) "
+            "| process, warm (s) |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for r in warms:
-            lines.append(f"| {r['case']} | {r['ready_cold_s']:.1f} | {r['ready_warm_s']:.2f} | "
-                         f"{r['process_cold_s']:.1f} | {r['process_warm_s']:.1f} |")
+            lines.append(
+                f"| {r['case']} | {r['ready_cold_s']:.1f} | {r['ready_warm_s']:.2f} | "
+                f"{r['process_cold_s']:.1f} | {r['process_warm_s']:.1f} |"
+            )
     return "\n".join(lines)
 
 

@@ -22,8 +22,9 @@ def block(tree: Any) -> Any:
     return jax.block_until_ready(tree)
 
 
-def time_calls(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 20,
-               min_seconds: float = 0.0) -> dict[str, float]:
+def time_calls(
+    fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 20, min_seconds: float = 0.0
+) -> dict[str, float]:
     """Median and spread of ``fn()`` wall time in seconds, after ``warmup`` calls.
 
     Runs at least ``repeats`` times and, if ``min_seconds`` is set, until that much time passed.

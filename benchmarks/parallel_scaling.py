@@ -38,8 +38,9 @@ def _time_steps(hidden, meta_batch, mesh, parallel_mode, repeats, process_local=
     from metajax.run.config_files import load_config
     from metajax.train import make_train_step, place_state, train_state
 
-    config = load_config("sinusoid", [f"task.hidden={tuple(hidden)}",
-                                      f"train.meta_batch={meta_batch}"])
+    config = load_config(
+        "sinusoid", [f"task.hidden={tuple(hidden)}", f"train.meta_batch={meta_batch}"]
+    )
     exp = build(config)
     state = train_state(exp.algo, exp.params, exp.optimizer)
     step = make_train_step(exp.algo, exp.optimizer, mesh=mesh, parallel=parallel_mode)
@@ -72,9 +73,15 @@ def part_devices(devices: int, meta_batch: int, repeats: int) -> list[dict]:
         one = _time_steps(hidden, meta_batch, None, "sharding", repeats)
         many = _time_steps(hidden, meta_batch, parallel.task_mesh(devices), "sharding", repeats)
         pmap = _time_steps(hidden, meta_batch, parallel.task_mesh(devices), "pmap", repeats)
-        rows.append({"model": name, "meta_batch": meta_batch, "step_ms_1_device": 1e3 * one,
-                     f"ratio_{devices}_devices_sharding": many / one,
-                     f"ratio_{devices}_devices_pmap": pmap / one})
+        rows.append(
+            {
+                "model": name,
+                "meta_batch": meta_batch,
+                "step_ms_1_device": 1e3 * one,
+                f"ratio_{devices}_devices_sharding": many / one,
+                f"ratio_{devices}_devices_pmap": pmap / one,
+            }
+        )
     return rows
 
 
@@ -84,10 +91,13 @@ def worker(args) -> None:
     from metajax.parallel import init_distributed, task_mesh
 
     if args.num_processes > 1:
-        init_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
-                         heartbeat_timeout_s=30)
-    out = {name: _time_steps(hidden, args.meta_batch, task_mesh(), "sharding", args.repeats)
-           for name, hidden in MODELS.items()}
+        init_distributed(
+            f"127.0.0.1:{args.port}", args.num_processes, args.process_id, heartbeat_timeout_s=30
+        )
+    out = {
+        name: _time_steps(hidden, args.meta_batch, task_mesh(), "sharding", args.repeats)
+        for name, hidden in MODELS.items()
+    }
     if args.process_id == 0:
         print("RESULT " + json.dumps(out), flush=True)
 
@@ -97,20 +107,45 @@ def part_processes(meta_batch: int, repeats: int) -> list[dict]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        procs = [subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--port", str(port), "--num-processes",
-             str(num_processes), "--process-id", str(i), "--worker-devices", str(devices_each),
-             "--meta-batch", str(meta_batch), "--repeats", str(repeats)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(num_processes)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--port",
+                    str(port),
+                    "--num-processes",
+                    str(num_processes),
+                    "--process-id",
+                    str(i),
+                    "--worker-devices",
+                    str(devices_each),
+                    "--meta-batch",
+                    str(meta_batch),
+                    "--repeats",
+                    str(repeats),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for i in range(num_processes)
+        ]
         outs = [p.communicate()[0].decode() for p in procs]
         line = next(x for x in outs[0].splitlines() if x.startswith("RESULT "))
-        return json.loads(line[len("RESULT "):])
+        return json.loads(line[len("RESULT ") :])
 
     one = run(1, 2)
     two = run(2, 1)
-    return [{"model": name, "meta_batch": meta_batch,
-             "step_ms_1_process_2_devices": 1e3 * one[name],
-             "ratio_2_processes_1_device_each": two[name] / one[name]} for name in MODELS]
+    return [
+        {
+            "model": name,
+            "meta_batch": meta_batch,
+            "step_ms_1_process_2_devices": 1e3 * one[name],
+            "ratio_2_processes_1_device_each": two[name] / one[name],
+        }
+        for name in MODELS
+    ]
 
 
 def main() -> None:

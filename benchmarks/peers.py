@@ -29,14 +29,25 @@ def compare(size: dict, repeats: int, algorithm, measure_step) -> list[dict]:
     rows = []
     for order in ("maml", "fomaml"):
         second = order == "maml"
-        reference = tp.torch_params(jax.jit(algorithm(order, case).meta_grad)(
-            case.params, case.tasks)[0])
+        reference = tp.torch_params(
+            jax.jit(algorithm(order, case).meta_grad)(case.params, case.tasks)[0]
+        )
         ours = []
         for task_batch in (None, 1):
-            row = {"case": "transformer", "algorithm": order, "implementation": "metajax",
-                   "task_batch": task_batch}
-            row.update(measure_step(algorithm(order, case, task_batch=task_batch), case, repeats,
-                                    task_batch=task_batch))
+            row = {
+                "case": "transformer",
+                "algorithm": order,
+                "implementation": "metajax",
+                "task_batch": task_batch,
+            }
+            row.update(
+                measure_step(
+                    algorithm(order, case, task_batch=task_batch),
+                    case,
+                    repeats,
+                    task_batch=task_batch,
+                )
+            )
             ours.append(row)
         best = min(r["median_s"] for r in ours)
         for r in ours:
@@ -48,13 +59,18 @@ def compare(size: dict, repeats: int, algorithm, measure_step) -> list[dict]:
         peers = tp.PEERS if second else {"torch_autograd": tp.PEERS["torch_autograd"]}
         for name, make in peers.items():
             model = tp.TorchLM(tp.torch_params(case.params), heads=heads)
-            meta_grad, step = make(model, tasks, steps=case.inner_steps, lr=case.inner_lr,
-                                   second_order=second)
+            meta_grad, step = make(
+                model, tasks, steps=case.inner_steps, lr=case.inner_lr, second_order=second
+            )
             grads = meta_grad()
             num = sum(float(((g - reference[n]) ** 2).sum()) for n, g in zip(model.names, grads))
             den = sum(float((reference[n] ** 2).sum()) for n in model.names)
-            row = {"case": "transformer", "algorithm": order, "implementation": name,
-                   "grad_rel_diff": float(np.sqrt(num / den))}
+            row = {
+                "case": "transformer",
+                "algorithm": order,
+                "implementation": name,
+                "grad_rel_diff": float(np.sqrt(num / den)),
+            }
             if row["grad_rel_diff"] < TOLERANCE:
                 slow = name == "torchopt"  # tens of seconds a step: a few runs only
                 row.update(time_calls(step, warmup=1, repeats=2 if slow else repeats))

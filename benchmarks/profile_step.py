@@ -93,9 +93,21 @@ def _hlo_categories(hlo_text: str) -> dict[str, str]:
             out[name] = "convolution"
         elif op in ("reduce", "reduce-window", "select-and-scatter"):
             out[name] = "reduction"
-        elif op in ("copy", "transpose", "bitcast", "broadcast", "concatenate", "slice",
-                    "dynamic-slice", "dynamic-update-slice", "pad", "reshape", "gather",
-                    "scatter", "iota"):
+        elif op in (
+            "copy",
+            "transpose",
+            "bitcast",
+            "broadcast",
+            "concatenate",
+            "slice",
+            "dynamic-slice",
+            "dynamic-update-slice",
+            "pad",
+            "reshape",
+            "gather",
+            "scatter",
+            "iota",
+        ):
             out[name] = "transpose/copy"
         else:
             out[name] = "other"
@@ -104,9 +116,14 @@ def _hlo_categories(hlo_text: str) -> dict[str, str]:
 
 def _split(totals: dict[str, float], counts: dict[str, int], per_step: int) -> dict:
     total = sum(totals.values())
-    return {c: {"ms_per_step": totals.get(c, 0.0) / per_step,
-                "fraction": totals.get(c, 0.0) / total if total else 0.0,
-                "calls_per_step": counts.get(c, 0) / per_step} for c in CATEGORIES}
+    return {
+        c: {
+            "ms_per_step": totals.get(c, 0.0) / per_step,
+            "fraction": totals.get(c, 0.0) / total if total else 0.0,
+            "calls_per_step": counts.get(c, 0) / per_step,
+        }
+        for c in CATEGORIES
+    }
 
 
 def profile_run(case, repeats: int) -> dict:
@@ -134,10 +151,13 @@ def profile_run(case, repeats: int) -> dict:
             totals[categories[name]] += e["dur"] / 1e3
             counts[categories[name]] += 1
             top[f"{name} ({categories[name]})"] += e["dur"] / 1e3 / repeats
-    return {"median_ms_per_step": plain * 1e3,
-            "wall_ms_per_step_profiled": wall * 1e3, "kernel_ms_per_step":
-            sum(totals.values()) / repeats, "categories": _split(totals, counts, repeats),
-            "top_kernels_ms": dict(top.most_common(10))}
+    return {
+        "median_ms_per_step": plain * 1e3,
+        "wall_ms_per_step_profiled": wall * 1e3,
+        "kernel_ms_per_step": sum(totals.values()) / repeats,
+        "categories": _split(totals, counts, repeats),
+        "top_kernels_ms": dict(top.most_common(10)),
+    }
 
 
 def _torch_category(op: str) -> str | None:
@@ -145,17 +165,45 @@ def _torch_category(op: str) -> str | None:
         return "matmul"
     if op.startswith("aten::conv"):
         return "convolution"
-    if op in ("aten::sum", "aten::mean", "aten::max", "aten::logsumexp", "aten::amax",
-              "aten::var_mean", "aten::native_layer_norm", "aten::native_layer_norm_backward",
-              "aten::_log_softmax", "aten::_softmax", "aten::_log_softmax_backward_data",
-              "aten::_softmax_backward_data"):
+    if op in (
+        "aten::sum",
+        "aten::mean",
+        "aten::max",
+        "aten::logsumexp",
+        "aten::amax",
+        "aten::var_mean",
+        "aten::native_layer_norm",
+        "aten::native_layer_norm_backward",
+        "aten::_log_softmax",
+        "aten::_softmax",
+        "aten::_log_softmax_backward_data",
+        "aten::_softmax_backward_data",
+    ):
         return "reduction"
-    if op in ("aten::t", "aten::transpose", "aten::view", "aten::expand", "aten::reshape",
-              "aten::permute", "aten::as_strided", "aten::empty", "aten::empty_like",
-              "aten::copy_", "aten::clone", "aten::contiguous", "aten::cat", "aten::index",
-              "aten::index_select", "aten::embedding_dense_backward", "aten::gather",
-              "aten::scatter_add_", "aten::index_put_", "aten::_unsafe_view", "aten::fill_",
-              "aten::zero_"):
+    if op in (
+        "aten::t",
+        "aten::transpose",
+        "aten::view",
+        "aten::expand",
+        "aten::reshape",
+        "aten::permute",
+        "aten::as_strided",
+        "aten::empty",
+        "aten::empty_like",
+        "aten::copy_",
+        "aten::clone",
+        "aten::contiguous",
+        "aten::cat",
+        "aten::index",
+        "aten::index_select",
+        "aten::embedding_dense_backward",
+        "aten::gather",
+        "aten::scatter_add_",
+        "aten::index_put_",
+        "aten::_unsafe_view",
+        "aten::fill_",
+        "aten::zero_",
+    ):
         return "transpose/copy"
     if op.startswith("aten::"):
         return "elementwise"
@@ -172,8 +220,13 @@ def profile_torch(case, heads: int, repeats: int) -> dict | None:
     from benchmarks import torch_peers as tp
 
     model = tp.TorchLM(tp.torch_params(case.params), heads=heads)
-    _, step = tp.make_autograd_step(model, tp.to_torch_tasks(case.tasks), steps=case.inner_steps,
-                                    lr=case.inner_lr, second_order=True)
+    _, step = tp.make_autograd_step(
+        model,
+        tp.to_torch_tasks(case.tasks),
+        steps=case.inner_steps,
+        lr=case.inner_lr,
+        second_order=True,
+    )
     plain = time_calls(step, warmup=2, repeats=repeats)["median_s"]
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -187,10 +240,15 @@ def profile_torch(case, heads: int, repeats: int) -> dict | None:
             totals[category] += avg.self_cpu_time_total / 1e3
             counts[category] += avg.count
             top[f"{avg.key} ({category})"] += avg.self_cpu_time_total / 1e3 / repeats
-    return {"torch_version": torch.__version__, "threads": torch.get_num_threads(),
-            "median_ms_per_step": plain * 1e3, "wall_ms_per_step_profiled": wall * 1e3,
-            "op_self_ms_per_step": sum(totals.values()) / repeats,
-            "categories": _split(totals, counts, repeats), "top_ops_ms": dict(top.most_common(10))}
+    return {
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "median_ms_per_step": plain * 1e3,
+        "wall_ms_per_step_profiled": wall * 1e3,
+        "op_self_ms_per_step": sum(totals.values()) / repeats,
+        "categories": _split(totals, counts, repeats),
+        "top_ops_ms": dict(top.most_common(10)),
+    }
 
 
 def profile_compile(case) -> dict:
@@ -208,12 +266,21 @@ def profile_compile(case) -> dict:
     for e in events:
         totals[e["name"]] += e["dur"] / 1e6
         counts[e["name"]] += 1
-    phases = ["HLO passes through layout assignment", "HLO passes after layout assignment",
-              "Codegen", "FusionCompiler::Compile", "ThunkEmitter::EmitEntryComputation"]
+    phases = [
+        "HLO passes through layout assignment",
+        "HLO passes after layout assignment",
+        "Codegen",
+        "FusionCompiler::Compile",
+        "ThunkEmitter::EmitEntryComputation",
+    ]
     phase_s = {p: sum(t for n, t in totals.items() if n.startswith(p)) for p in phases}
     kernels = counts.get("FusionCompiler::Compile", 0)
-    return {"compile_s": wall, "phases_s": phase_s, "fused_kernels_compiled": kernels,
-            "hlo_instructions": holder[0].as_text().count("\n")}
+    return {
+        "compile_s": wall,
+        "phases_s": phase_s,
+        "fused_kernels_compiled": kernels,
+        "hlo_instructions": holder[0].as_text().count("\n"),
+    }
 
 
 def profile_trace(case) -> dict:
@@ -232,54 +299,102 @@ def profile_trace(case) -> dict:
     stats = pstats.Stats(profiler).stats
     own = collections.Counter()  # self time by package: where the Python work happens
     for (path, _, _), (_, _, tottime, _, _) in stats.items():
-        package = ("flax" if "/flax/" in path else "jax" if "/jax/" in path else
-                   "metajax" if "/metajax/" in path else "other")
+        package = (
+            "flax"
+            if "/flax/" in path
+            else "jax"
+            if "/jax/" in path
+            else "metajax"
+            if "/metajax/" in path
+            else "other"
+        )
         own[package] += tottime
     total = sum(own.values())
-    return {"trace_lower_s_profiled": wall, "jaxpr_equations": len(traced.jaxpr.jaxpr.eqns),
-            "self_time_fraction": {k: v / total for k, v in own.most_common()},
-            "ms_per_equation": wall * 1e3 / len(traced.jaxpr.jaxpr.eqns)}
+    return {
+        "trace_lower_s_profiled": wall,
+        "jaxpr_equations": len(traced.jaxpr.jaxpr.eqns),
+        "self_time_fraction": {k: v / total for k, v in own.most_common()},
+        "ms_per_equation": wall * 1e3 / len(traced.jaxpr.jaxpr.eqns),
+    }
 
 
 def _markdown(result: dict) -> str:
-    lines = ["# Profile of the standard second-order MAML step", "",
-             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", ""]
+    lines = [
+        "# Profile of the standard second-order MAML step",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}",
+        "",
+    ]
     run, torch_run = result["run"], result.get("torch")
-    lines += ["## Run: kernel time per step by category", "",
-              "| category | metajax ms/step | share | kernels/step | torch autograd ms/step "
-              "| share | ops/step |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Run: kernel time per step by category",
+        "",
+        "| category | metajax ms/step | share | kernels/step | torch autograd ms/step "
+        "| share | ops/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in CATEGORIES:
         ours = run["categories"][c]
         theirs = torch_run["categories"][c] if torch_run else None
-        lines.append(f"| {c} | {ours['ms_per_step']:.1f} | {ours['fraction']:.0%} | "
-                     f"{ours['calls_per_step']:.0f} | "
-                     + (f"{theirs['ms_per_step']:.1f} | {theirs['fraction']:.0%} | "
-                        f"{theirs['calls_per_step']:.0f} |" if theirs else "- | - | - |"))
-    lines.append(f"| **sum of kernels / ops** | {run['kernel_ms_per_step']:.1f} | | | "
-                 + (f"{torch_run['op_self_ms_per_step']:.1f} | | |" if torch_run else "- | | |"))
-    lines.append(f"| step, not profiled (median) | {run['median_ms_per_step']:.1f} | | | "
-                 + (f"{torch_run['median_ms_per_step']:.1f} | | |" if torch_run else "- | | |"))
-    lines += ["", "XLA:CPU runs independent kernels of one step on both cores at once, so the sum "
-              "of kernel times can exceed the step time; PyTorch runs ops one after another, "
-              "each op multi-threaded. Profiled steps run slower than plain ones."]
-    lines += ["", "Top metajax kernels (ms/step): " + ", ".join(
-        f"{k} {v:.1f}" for k, v in run["top_kernels_ms"].items())]
+        lines.append(
+            f"| {c} | {ours['ms_per_step']:.1f} | {ours['fraction']:.0%} | "
+            f"{ours['calls_per_step']:.0f} | "
+            + (
+                f"{theirs['ms_per_step']:.1f} | {theirs['fraction']:.0%} | "
+                f"{theirs['calls_per_step']:.0f} |"
+                if theirs
+                else "- | - | - |"
+            )
+        )
+    lines.append(
+        f"| **sum of kernels / ops** | {run['kernel_ms_per_step']:.1f} | | | "
+        + (f"{torch_run['op_self_ms_per_step']:.1f} | | |" if torch_run else "- | | |")
+    )
+    lines.append(
+        f"| step, not profiled (median) | {run['median_ms_per_step']:.1f} | | | "
+        + (f"{torch_run['median_ms_per_step']:.1f} | | |" if torch_run else "- | | |")
+    )
+    lines += [
+        "",
+        "XLA:CPU runs independent kernels of one step on both cores at once, so the sum "
+        "of kernel times can exceed the step time; PyTorch runs ops one after another, "
+        "each op multi-threaded. Profiled steps run slower than plain ones.",
+    ]
+    lines += [
+        "",
+        "Top metajax kernels (ms/step): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in run["top_kernels_ms"].items()),
+    ]
     if torch_run:
-        lines += ["", "Top torch ops (self ms/step): " + ", ".join(
-            f"{k} {v:.1f}" for k, v in torch_run["top_ops_ms"].items())]
+        lines += [
+            "",
+            "Top torch ops (self ms/step): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in torch_run["top_ops_ms"].items()),
+        ]
     comp, trace = result["compile"], result["trace"]
-    lines += ["", "## Compile (XLA:CPU)", "",
-              f"{comp['compile_s']:.1f} s in all; {comp['fused_kernels_compiled']} fused kernels "
-              f"compiled to machine code; {comp['hlo_instructions']} lines of optimised HLO.", "",
-              "| phase | seconds |", "|---|---|"]
+    lines += [
+        "",
+        "## Compile (XLA:CPU)",
+        "",
+        f"{comp['compile_s']:.1f} s in all; {comp['fused_kernels_compiled']} fused kernels "
+        f"compiled to machine code; {comp['hlo_instructions']} lines of optimised HLO.",
+        "",
+        "| phase | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {p} | {s:.1f} |" for p, s in comp["phases_s"].items()]
-    lines += ["", "## Trace and lower (Python)", "",
-              f"{trace['trace_lower_s_profiled']:.1f} s under cProfile for "
-              f"{trace['jaxpr_equations']} jaxpr equations "
-              f"({trace['ms_per_equation']:.2f} ms each). Self time by package: "
-              + ", ".join(f"{k} {v:.0%}" for k, v in trace["self_time_fraction"].items()) + ".",
-              ""]
+    lines += [
+        "",
+        "## Trace and lower (Python)",
+        "",
+        f"{trace['trace_lower_s_profiled']:.1f} s under cProfile for "
+        f"{trace['jaxpr_equations']} jaxpr equations "
+        f"({trace['ms_per_equation']:.2f} ms each). Self time by package: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in trace["self_time_fraction"].items())
+        + ".",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -292,10 +407,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     size = SMOKE if args.smoke else STANDARD
     case = cases.transformer_case(**size)
-    result = {"command": "python -m benchmarks.profile_step" + (" --smoke" if args.smoke else ""),
-              "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
-                         f"load average {os.getloadavg()[0]:.1f}",
-              "run": profile_run(case, args.repeats)}
+    result = {
+        "command": "python -m benchmarks.profile_step" + (" --smoke" if args.smoke else ""),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        "run": profile_run(case, args.repeats),
+    }
     if not args.no_torch:
         result["torch"] = profile_torch(case, size["heads"], args.repeats)
     result["compile"] = profile_compile(case)

@@ -11,12 +11,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # Columns shown in the tables, in order, with their formats; missing ones are left out.
 COLUMNS = [
-    ("case", "{}"), ("algorithm", "{}"), ("implementation", "{}"), ("task_batch", "{}"),
+    ("case", "{}"),
+    ("algorithm", "{}"),
+    ("implementation", "{}"),
+    ("task_batch", "{}"),
     ("task_loop", "{}"),
-    ("tasks", "{}"), ("width", "{}"), ("inner_steps", "{}"), ("remat", "{}"), ("cache", "{}"),
-    ("median_s", "{:.4f}"), ("ratio_to_metajax", "{:.2f}"), ("grad_rel_diff", "{:.1e}"),
-    ("compile_s", "{:.1f}"), ("trace_lower_s", "{:.1f}"), ("flops", "{:.3g}"),
-    ("fraction_of_matmul_peak", "{:.0%}"), ("temp_bytes", "{:,}"),
+    ("tasks", "{}"),
+    ("width", "{}"),
+    ("inner_steps", "{}"),
+    ("remat", "{}"),
+    ("cache", "{}"),
+    ("median_s", "{:.4f}"),
+    ("ratio_to_metajax", "{:.2f}"),
+    ("grad_rel_diff", "{:.1e}"),
+    ("compile_s", "{:.1f}"),
+    ("trace_lower_s", "{:.1f}"),
+    ("flops", "{:.3g}"),
+    ("fraction_of_matmul_peak", "{:.0%}"),
+    ("temp_bytes", "{:,}"),
 ]
 
 
@@ -37,23 +49,26 @@ def table(rows: list[dict]) -> str:
     cols = [(k, f) for k, f in COLUMNS if any(k in r for r in rows)]
     lines = ["| " + " | ".join(k for k, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(f, r.get(k)) if k in r else "" for k, f in cols)
-                     + " |")
+        lines.append("| " + " | ".join(_fmt(f, r.get(k)) if k in r else "" for k, f in cols) + " |")
     return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
     m = results["machine"]
     parts = [
-        "# metajax benchmark results", "",
+        "# metajax benchmark results",
+        "",
         f"Command: `{results['command']}`  ",
         f"Started: {results['started']}; machine: {m['platform']}, {m['cpus']} CPUs, "
         f"jax {m['jax']}, devices {', '.join(m['devices'])}; load average at start "
         f"{m['load_average_start'][0]:.1f}"
-        + (f", at end {m['load_average_end'][0]:.1f}" if "load_average_end" in m else "") + ".  ",
+        + (f", at end {m['load_average_end'][0]:.1f}" if "load_average_end" in m else "")
+        + ".  ",
         f"Measured float32 matmul peak: {results['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s.",
-        "", "Times are medians of whole jitted training steps (meta-gradient + Adam) in seconds;",
-        "compare rows of one run as ratios.", "",
+        "",
+        "Times are medians of whole jitted training steps (meta-gradient + Adam) in seconds;",
+        "compare rows of one run as ratios.",
+        "",
     ]
     for name, rows in results["suites"].items():
         parts += [f"## {name}", "", table(rows), ""]

@@ -30,15 +30,41 @@ import metajax as mj
 from benchmarks import cases, report
 from benchmarks.measure import compile_stats, matmul_peak_flops, time_calls
 
-STANDARD = dict(width=128, depth=2, heads=4, mlp_width=512, seq=32, vocab=64, tasks=8,
-                support=5, query=15, inner_steps=5, inner_lr=0.1)
-SMOKE = dict(width=16, depth=1, heads=2, mlp_width=32, seq=8, vocab=16, tasks=2,
-             support=2, query=3, inner_steps=2, inner_lr=0.1)
+STANDARD = dict(
+    width=128,
+    depth=2,
+    heads=4,
+    mlp_width=512,
+    seq=32,
+    vocab=64,
+    tasks=8,
+    support=5,
+    query=15,
+    inner_steps=5,
+    inner_lr=0.1,
+)
+SMOKE = dict(
+    width=16,
+    depth=1,
+    heads=2,
+    mlp_width=32,
+    seq=8,
+    vocab=16,
+    tasks=2,
+    support=2,
+    query=3,
+    inner_steps=2,
+    inner_lr=0.1,
+)
 
 
 def algorithm(name: str, case: cases.Case, **kw) -> mj.MetaLearner:
-    """The algorithms compared, all on plain SGD inner steps at the case's rate."""
-    common = dict(inner_steps=case.inner_steps, inner_lr=case.inner_lr, **kw)
+    """The algorithms compared, all on plain SGD inner steps at the case's rate.
+
+    The inner loop is unrolled unless ``unroll`` says otherwise: XLA's cost analysis counts a
+    ``lax.scan`` body once, so FLOPs are right only for the unrolled form.
+    """
+    common = dict(inner_steps=case.inner_steps, inner_lr=case.inner_lr, **{"unroll": True, **kw})
     if name == "maml":
         return mj.maml(case.loss_fn, **common)
     if name == "fomaml":
@@ -49,13 +75,20 @@ def algorithm(name: str, case: cases.Case, **kw) -> mj.MetaLearner:
         # The LM's head is the final LayerNorm and the (tied) embedding matrix.
         return mj.anil(case.loss_fn, head=r"ln_final|embed|head", **common)
     if name == "imaml":
-        return mj.imaml(case.loss_fn, reg=1.0, cg_steps=5,
-                        **{k: v for k, v in common.items() if k != "remat"})
+        return mj.imaml(
+            case.loss_fn, reg=1.0, cg_steps=5, **{k: v for k, v in common.items() if k != "remat"}
+        )
     raise ValueError(f"unknown algorithm {name!r}")
 
 
-def measure_step(algo, case: cases.Case, repeats: int, peak: float | None = None,
-                 task_batch: int | None = None, unroll_tasks: bool = False) -> dict:
+def measure_step(
+    algo,
+    case: cases.Case,
+    repeats: int,
+    peak: float | None = None,
+    task_batch: int | None = None,
+    unroll_tasks: bool = False,
+) -> dict:
     """Compile stats and median time of one whole training step (meta-grad + Adam).
 
     With ``task_batch`` the tasks run in a ``lax.scan`` whose body XLA's cost analysis counts
@@ -86,15 +119,24 @@ def suite_standard(args, peak) -> list[dict]:
     size = SMOKE if args.smoke else STANDARD
     case = cases.transformer_case(**size)
     rows = []
-    variants = [("maml", {}), ("maml", {"task_batch": 1}), ("fomaml", {}),
-                ("fomaml", {"task_batch": 1}), ("reptile", {"task_batch": 1}),
-                ("anil", {"task_batch": 1}), ("imaml", {"task_batch": 1})]
+    variants = [
+        ("maml", {}),
+        ("maml", {"task_batch": 1}),
+        ("fomaml", {}),
+        ("fomaml", {"task_batch": 1}),
+        ("reptile", {"task_batch": 1}),
+        ("anil", {"task_batch": 1}),
+        ("imaml", {"task_batch": 1}),
+    ]
     if args.smoke:
         variants = [("maml", {}), ("imaml", {"task_batch": 1})]
     for name, kw in variants:
         row = {"case": "transformer", "algorithm": name, **kw}
-        row.update(measure_step(algorithm(name, case, **kw), case, args.repeats, peak,
-                                kw.get("task_batch")))
+        row.update(
+            measure_step(
+                algorithm(name, case, **kw), case, args.repeats, peak, kw.get("task_batch")
+            )
+        )
         rows.append(row)
         print(report.row_line(row), flush=True)
     return rows
@@ -109,16 +151,31 @@ def suite_convnet(args, peak) -> list[dict]:
     """
     rows = []
     shapes = [(5, 5), (20, 5)] if not args.smoke else [(2, 2)]
-    forms = {"vmap": {}, "scan": {"task_batch": 1},
-             "unrolled": {"task_batch": 1, "unroll_tasks": True}}
+    forms = {
+        "vmap": {},
+        "scan": {"task_batch": 1},
+        "unrolled": {"task_batch": 1, "unroll_tasks": True},
+    }
     for ways, queries in shapes:
-        case = cases.convnet_case(ways=ways, queries=queries, tasks=2 if args.smoke else 8,
-                                  filters=8 if args.smoke else 32)
+        case = cases.convnet_case(
+            ways=ways,
+            queries=queries,
+            tasks=2 if args.smoke else 8,
+            filters=8 if args.smoke else 32,
+        )
         for name in ("maml",) if args.smoke else ("maml", "fomaml"):
             for form, kw in forms.items():
                 row = {"case": case.name, "algorithm": name, "task_loop": form}
-                row.update(measure_step(algorithm(name, case, **kw), case, args.repeats, peak,
-                                        kw.get("task_batch"), kw.get("unroll_tasks", False)))
+                row.update(
+                    measure_step(
+                        algorithm(name, case, **kw),
+                        case,
+                        args.repeats,
+                        peak,
+                        kw.get("task_batch"),
+                        kw.get("unroll_tasks", False),
+                    )
+                )
                 rows.append(row)
                 print(report.row_line(row), flush=True)
     return rows
@@ -142,8 +199,12 @@ def suite_inner_steps(args, peak) -> list[dict]:
             for steps in steps_list:
                 case = cases.transformer_case(**{**size, "inner_steps": steps})
                 algo = algorithm(order, case, remat=remat, unroll=False, task_batch=1)
-                row = {"case": "transformer-64", "algorithm": order, "remat": remat,
-                       "inner_steps": steps}
+                row = {
+                    "case": "transformer-64",
+                    "algorithm": order,
+                    "remat": remat,
+                    "inner_steps": steps,
+                }
                 row.update(measure_step(algo, case, max(3, args.repeats // 3)))
                 # XLA counts a scan body once: per-step work, not the step's total.
                 row["scan_body_flops"] = row.pop("flops")
@@ -155,13 +216,24 @@ def suite_inner_steps(args, peak) -> list[dict]:
 def suite_meta_batch(args, peak) -> list[dict]:
     """Step time against the number of tasks, vmapped against scanned task loops."""
     rows = []
-    for tasks in ([2] if args.smoke else [1, 2, 4, 8, 16]):
+    for tasks in [2] if args.smoke else [1, 2, 4, 8, 16]:
         case = cases.transformer_case(**{**(SMOKE if args.smoke else STANDARD), "tasks": tasks})
         for task_batch in (None, 1):
-            row = {"case": "transformer", "algorithm": "maml", "tasks": tasks,
-                   "task_batch": task_batch}
-            row.update(measure_step(algorithm("maml", case, task_batch=task_batch), case,
-                                    max(3, args.repeats // 3), peak, task_batch))
+            row = {
+                "case": "transformer",
+                "algorithm": "maml",
+                "tasks": tasks,
+                "task_batch": task_batch,
+            }
+            row.update(
+                measure_step(
+                    algorithm("maml", case, task_batch=task_batch),
+                    case,
+                    max(3, args.repeats // 3),
+                    peak,
+                    task_batch,
+                )
+            )
             rows.append(row)
             print(report.row_line(row), flush=True)
     return rows
@@ -170,13 +242,20 @@ def suite_meta_batch(args, peak) -> list[dict]:
 def suite_model_size(args, peak) -> list[dict]:
     """Second- against first-order cost as the Transformer widens."""
     rows = []
-    for width in ([8] if args.smoke else [32, 64, 128, 256]):
+    for width in [8] if args.smoke else [32, 64, 128, 256]:
         size = {**(SMOKE if args.smoke else STANDARD), "width": width, "mlp_width": 4 * width}
         case = cases.transformer_case(**size)
         for name in ("fomaml",) if args.smoke else ("maml", "fomaml"):
             row = {"case": f"transformer-{width}", "algorithm": name, "width": width}
-            row.update(measure_step(algorithm(name, case, task_batch=1), case,
-                                    max(3, args.repeats // 3), peak, task_batch=1))
+            row.update(
+                measure_step(
+                    algorithm(name, case, task_batch=1),
+                    case,
+                    max(3, args.repeats // 3),
+                    peak,
+                    task_batch=1,
+                )
+            )
             rows.append(row)
             print(report.row_line(row), flush=True)
     return rows
@@ -186,8 +265,9 @@ def suite_peers(args, peak) -> list[dict]:
     """metajax against plain PyTorch autograd, higher and torchopt, same weights and tasks."""
     from benchmarks import peers
 
-    return peers.compare(STANDARD if not args.smoke else SMOKE, args.repeats, algorithm,
-                         measure_step)
+    return peers.compare(
+        STANDARD if not args.smoke else SMOKE, args.repeats, algorithm, measure_step
+    )
 
 
 def suite_compile_cache(args, peak) -> list[dict]:
@@ -199,25 +279,37 @@ def suite_compile_cache(args, peak) -> list[dict]:
     env = {**os.environ, "METAJAX_BENCH_CACHE": str(cache), "PYTHONPATH": str(Path.cwd())}
     rows = []
     for label in ("cold", "from_cache"):
-        cmd = [sys.executable, "-m", "benchmarks.compile_probe"] + (["--smoke"] if args.smoke
-                                                                     else [])
+        cmd = [sys.executable, "-m", "benchmarks.compile_probe"] + (
+            ["--smoke"] if args.smoke else []
+        )
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        row = {"case": "transformer", "algorithm": "maml", "cache": label,
-               **json.loads(out.stdout.strip().splitlines()[-1])}
+        row = {
+            "case": "transformer",
+            "algorithm": "maml",
+            "cache": label,
+            **json.loads(out.stdout.strip().splitlines()[-1]),
+        }
         rows.append(row)
         print(report.row_line(row), flush=True)
     return rows
 
 
-SUITES = {"standard": suite_standard, "convnet": suite_convnet, "inner_steps": suite_inner_steps,
-          "meta_batch": suite_meta_batch, "model_size": suite_model_size, "peers": suite_peers,
-          "compile_cache": suite_compile_cache}
+SUITES = {
+    "standard": suite_standard,
+    "convnet": suite_convnet,
+    "inner_steps": suite_inner_steps,
+    "meta_batch": suite_meta_batch,
+    "model_size": suite_model_size,
+    "peers": suite_peers,
+    "compile_cache": suite_compile_cache,
+}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", nargs="+", default=["all"],
-                        choices=["all", *SUITES], help="which suites to run")
+    parser.add_argument(
+        "--suite", nargs="+", default=["all"], choices=["all", *SUITES], help="which suites to run"
+    )
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per row")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks, not numbers")
@@ -228,10 +320,14 @@ def main(argv=None) -> dict:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     peak = matmul_peak_flops(256 if args.smoke else 2048, repeats=3 if args.smoke else 10)
     results = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": os.cpu_count(), "jax": jax.__version__,
-                    "devices": [str(d) for d in jax.devices()],
-                    "load_average_start": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "devices": [str(d) for d in jax.devices()],
+            "load_average_start": os.getloadavg(),
+        },
         "command": " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])]),
         "matmul_peak_flops_per_s": peak,
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -74,8 +74,11 @@ class TorchLM(torch.nn.Module):
         return dict(zip(self.names, tensors))
 
     def forward(self, tokens):
-        return lm_forward(self.as_dict([getattr(self, f"p{i}") for i in range(len(self.names))]),
-                          tokens, self.heads)
+        return lm_forward(
+            self.as_dict([getattr(self, f"p{i}") for i in range(len(self.names))]),
+            tokens,
+            self.heads,
+        )
 
 
 def lm_loss_module(model, batch):
@@ -124,8 +127,9 @@ def make_higher_step(model: TorchLM, tasks, *, steps, lr, second_order, outer_lr
     def meta_grad():
         opt.zero_grad(set_to_none=True)
         for support, query in tasks:
-            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
-                                      track_higher_grads=second_order) as (fmodel, diffopt):
+            with higher.innerloop_ctx(
+                model, inner_opt, copy_initial_weights=False, track_higher_grads=second_order
+            ) as (fmodel, diffopt):
                 for _ in range(steps):
                     diffopt.step(lm_loss_module(fmodel, support))
                 (lm_loss_module(fmodel, query) / len(tasks)).backward()
@@ -163,5 +167,8 @@ def make_torchopt_step(model: TorchLM, tasks, *, steps, lr, second_order, outer_
     return meta_grad, step
 
 
-PEERS = {"torch_autograd": make_autograd_step, "higher": make_higher_step,
-         "torchopt": make_torchopt_step}
+PEERS = {
+    "torch_autograd": make_autograd_step,
+    "higher": make_higher_step,
+    "torchopt": make_torchopt_step,
+}

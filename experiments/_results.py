@@ -58,8 +58,15 @@ def sinusoid_medians(run: Path, steps=(0, 1, 10)) -> list[float]:
 
     model = mp.load(run)
     exp = model._exp
-    per_task = evaluate(exp.algo, model.meta_params, exp.setup.eval_source, exp.setup.loss_fn,
-                        num_tasks=600, steps=max(steps), chunk=200)["loss"]
+    per_task = evaluate(
+        exp.algo,
+        model.meta_params,
+        exp.setup.eval_source,
+        exp.setup.loss_fn,
+        num_tasks=600,
+        steps=max(steps),
+        chunk=200,
+    )["loss"]
     # nanmedian: a task whose fit diverged to NaN must not hide the other 599.
     return [float(np.nanmedian(per_task[:, s])) for s in steps]
 
@@ -69,8 +76,10 @@ def sinusoid(runs: Path) -> None:
     if not any((run / "eval.json").is_file() for run in runs.glob("sinusoid_k*")):
         return  # keep the committed figures
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    print("| K | algorithm | MSE, 0 steps | MSE, 1 step | MSE, 10 steps | median 1 / 10 steps "
-          "| run time |")
+    print(
+        "| K | algorithm | MSE, 0 steps | MSE, 1 step | MSE, 10 steps | median 1 / 10 steps "
+        "| run time |"
+    )
     print("|---|---|---|---|---|---|---|")
     for ax, k in zip(axes, (5, 10, 20), strict=True):
         for algo in algos:
@@ -81,8 +90,10 @@ def sinusoid(runs: Path) -> None:
             loss = r["metrics"]["loss"]
             med = sinusoid_medians(run)
             wall = f"{r['wall_s']:.0f} s" if r["wall_s"] else "-"
-            print(f"| {k} | {algo} | {cell(loss, 0)} | {cell(loss, 1)} | {cell(loss, 10)} | "
-                  f"{med[1]:.3f} / {med[2]:.3f} | {wall} |")
+            print(
+                f"| {k} | {algo} | {cell(loss, 0)} | {cell(loss, 1)} | {cell(loss, 10)} | "
+                f"{med[1]:.3f} / {med[2]:.3f} | {wall} |"
+            )
             mean, ci = np.array(loss["mean"]), np.array(loss["ci95"])
             x = np.arange(len(mean))
             ax.plot(x, mean, "o-", ms=3, label=algo)
@@ -124,8 +135,9 @@ def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title:
     Skipped when none of the runs is in ``runs``, so that regenerating from a partial runs
     folder leaves the committed figure alone.
     """
-    found = [(label, name, r) for label, name in names.items()
-             if (r := load(runs / name)) is not None]
+    found = [
+        (label, name, r) for label, name in names.items() if (r := load(runs / name)) is not None
+    ]
     if not found:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
@@ -140,8 +152,13 @@ def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title:
             a.plot(*held_out, "o--", color=line.get_color(), ms=4, lw=0.8)
         if not cpu.all():
             a.axvline(GPU_FROM[name], color=line.get_color(), ls=":", lw=1)
-            a.annotate(" H200 from here", (GPU_FROM[name], 0.37), color=line.get_color(),
-                       xycoords=("data", "axes fraction"), fontsize=8)
+            a.annotate(
+                " H200 from here",
+                (GPU_FROM[name], 0.37),
+                color=line.get_color(),
+                xycoords=("data", "axes fraction"),
+                fontsize=8,
+            )
     a.set_xlabel("meta-train step")
     b.set_xlabel("training wall-clock (s, shared 2-core CPU)")
     a.set_ylabel(f"meta-train {metric} (query, after adaptation)")
@@ -162,8 +179,11 @@ def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title:
 
 def generic(runs: Path, prefix: str, metric: str, steps: tuple[int, ...], scale=1.0) -> None:
     """One row per run; the last column is the run's final adaptation step (Reptile: 5 to 100)."""
-    print("| run | meta-steps | " + " | ".join(f"{metric}, {s} steps" for s in steps)
-          + " | last step | run time |")
+    print(
+        "| run | meta-steps | "
+        + " | ".join(f"{metric}, {s} steps" for s in steps)
+        + " | last step | run time |"
+    )
     print("|---|---|" + "---|" * (len(steps) + 2))
     for run in sorted(runs.glob(f"{prefix}*")):
         r = load(run)
@@ -181,30 +201,72 @@ def main(runs: Path) -> None:
     OUT.mkdir(exist_ok=True)
     print("## sinusoid\n")
     sinusoid(runs)
-    order_plot(runs, {"MAML (2nd order)": "sinusoid_k5_maml", "FOMAML": "sinusoid_k5_fomaml",
-                      "Reptile": "sinusoid_k5_reptile"}, "loss_after",
-               "sinusoid_first_vs_second_order.png", "Sinusoid K = 5")
+    order_plot(
+        runs,
+        {
+            "MAML (2nd order)": "sinusoid_k5_maml",
+            "FOMAML": "sinusoid_k5_fomaml",
+            "Reptile": "sinusoid_k5_reptile",
+        },
+        "loss_after",
+        "sinusoid_first_vs_second_order.png",
+        "Sinusoid K = 5",
+    )
     print("\n## omniglot\n")
     generic(runs, "omniglot", "accuracy", (0, 1, 3, 10), scale=100)
-    for setting, title in (("5w1s", "5-way 1-shot"), ("5w5s", "5-way 5-shot"),
-                           ("20w1s", "20-way 1-shot")):
+    for setting, title in (
+        ("5w1s", "5-way 1-shot"),
+        ("5w5s", "5-way 5-shot"),
+        ("20w1s", "20-way 1-shot"),
+    ):
         suffix = "" if setting == "5w1s" else f"_{setting}"
-        order_plot(runs, {label: f"omniglot_{setting}_{algo}" for label, algo in (
-            ("MAML (2nd order)", "maml"), ("FOMAML", "fomaml"), ("ANIL (2nd order, head)", "anil"),
-            ("Reptile", "reptile"), ("ProtoNets", "protonets"))},
-            "accuracy_after", f"omniglot{suffix}_first_vs_second_order.png", f"Omniglot {title}")
+        order_plot(
+            runs,
+            {
+                label: f"omniglot_{setting}_{algo}"
+                for label, algo in (
+                    ("MAML (2nd order)", "maml"),
+                    ("FOMAML", "fomaml"),
+                    ("ANIL (2nd order, head)", "anil"),
+                    ("Reptile", "reptile"),
+                    ("ProtoNets", "protonets"),
+                )
+            },
+            "accuracy_after",
+            f"omniglot{suffix}_first_vs_second_order.png",
+            f"Omniglot {title}",
+        )
     print("\n## words_lm\n")
     generic(runs, "words_lm", "bits_per_byte", (0, 1, 5, 20))
-    order_plot(runs, {"MAML (2nd order)": "words_lm_maml", "FOMAML": "words_lm_fomaml",
-                      "Reptile": "words_lm_reptile", "pretrain": "words_lm_pretrain"}, "loss_after",
-               "words_lm_first_vs_second_order.png", "Byte LM, held-out-family languages")
+    order_plot(
+        runs,
+        {
+            "MAML (2nd order)": "words_lm_maml",
+            "FOMAML": "words_lm_fomaml",
+            "Reptile": "words_lm_reptile",
+            "pretrain": "words_lm_pretrain",
+        },
+        "loss_after",
+        "words_lm_first_vs_second_order.png",
+        "Byte LM, held-out-family languages",
+    )
     print("\n## words_langid\n")
     generic(runs, "words_langid", "accuracy", (0, 1, 5, 10), scale=100)
     for shots in (1, 5):
-        order_plot(runs, {label: f"words_langid_5w{shots}s_{algo}" for label, algo in (
-            ("MAML (2nd order)", "maml"), ("FOMAML", "fomaml"), ("Reptile", "reptile"))},
-            "accuracy_after", f"words_langid_5w{shots}s_first_vs_second_order.png",
-            f"Language ID, 5-way {shots}-shot")
+        order_plot(
+            runs,
+            {
+                label: f"words_langid_5w{shots}s_{algo}"
+                for label, algo in (
+                    ("MAML (2nd order)", "maml"),
+                    ("FOMAML", "fomaml"),
+                    ("Reptile", "reptile"),
+                )
+            },
+            "accuracy_after",
+            f"words_langid_5w{shots}s_first_vs_second_order.png",
+            f"Language ID, 5-way {shots}-shot",
+        )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,11 @@ from metajax.run.families.fewrel import FewRelTask
 SETTINGS = {"5w1s": (5, 1), "5w5s": (5, 5)}
 ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "protonets")
 PROTOCOLS = {"": "cross_domain", "indomain": "in_domain"}
+VARIANTS = (
+    *(f"{p}{s}_{a}" for p in ("", "indomain_") for s in SETTINGS for a in ALGORITHMS),
+    "tiny",
+    *(f"tiny_{a}" for a in ALGORITHMS[1:]),
+)
 
 
 def _algorithm(algo: str) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
@@ -78,7 +83,8 @@ def get_config(variant: str = "") -> Config:
             ),
             algorithm=algorithm,
             optimizer=optimizer,
-            train=TrainConfig(steps=3, meta_batch=2, log_every=1, checkpoint_every=3),
+            # meta_batch 8 divides the 8 fake devices of the tests.
+            train=TrainConfig(steps=3, meta_batch=8, log_every=1, checkpoint_every=3),
             eval=EvalConfig(
                 num_tasks=4,
                 inner_steps=min(eval_steps, 2),

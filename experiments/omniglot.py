@@ -45,10 +45,10 @@ SETTINGS = {"5w1s": (5, 1), "5w5s": (5, 5), "20w1s": (20, 1)}
 ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "protonets")
 
 
-# One task at a time in an unrolled loop: on a CPU, per-task ConvNet weights under vmap make
-# grouped convolutions and a lax.scan loses XLA's fast convolutions (jax-ml/jax#12868). On a
-# GPU, vmap is the fast form (benchmarks/README.md has both measurements).
-CPU_TASK_LOOP = {"task_batch": 1, "unroll_tasks": True}
+# One task at a time in an unrolled loop, and unrolled inner loops: on a CPU, per-task ConvNet
+# weights under vmap make grouped convolutions and a lax.scan loses XLA's fast convolutions
+# (jax-ml/jax#12868). On a GPU, vmap is the fast form (benchmarks/README.md has both).
+CPU_TASK_LOOP = {"task_batch": 1, "unroll_tasks": True, "unroll": True}
 
 
 # Reptile as in Nichol et al. (2018), the openai/supervised-reptile README commands: inner Adam
@@ -67,14 +67,21 @@ REPTILE_META_ITERS = {"5w1s": 100_000, "5w5s": 100_000, "20w1s": 200_000}
 
 def _reptile(setting: str, loop: dict) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
     _, batch, steps, lr, outer, _, eval_steps = REPTILE[setting]
-    algorithm = AlgorithmConfig(name="reptile", inner_steps=steps, inner_lr=lr,
-                                inner_optimizer="adam", inner_optimizer_args=(("b1", 0.0),),
-                                inner_batch=batch, **loop)
+    algorithm = AlgorithmConfig(
+        name="reptile",
+        inner_steps=steps,
+        inner_lr=lr,
+        inner_optimizer="adam",
+        inner_optimizer_args=(("b1", 0.0),),
+        inner_batch=batch,
+        **loop,
+    )
     return algorithm, OptimizerConfig(name="sgd", lr=outer, schedule="linear"), eval_steps
 
 
-def _algorithm(algo: str, setting: str, gpu: bool = False
-               ) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
+def _algorithm(
+    algo: str, setting: str, gpu: bool = False
+) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
     """The algorithm, the outer optimizer and the number of evaluation steps."""
     ways = SETTINGS[setting][0]
     steps, lr = (1, 0.4) if ways <= 5 else (5, 0.1)
@@ -99,21 +106,25 @@ def get_config(variant: str = "") -> Config:
         return Config(
             name=variant.replace("tiny", "omniglot_tiny"),
             family="omniglot",
-            task=OmniglotTask(ways=5, shots=1, queries=2, filters=8,
-                              train_shots=2 if algo == "reptile" else 0),
+            task=OmniglotTask(
+                ways=5, shots=1, queries=2, filters=8, train_shots=2 if algo == "reptile" else 0
+            ),
             algorithm=algorithm,
             optimizer=optimizer,
             train=TrainConfig(steps=4, meta_batch=8, log_every=2, checkpoint_every=4),
-            eval=EvalConfig(num_tasks=8, inner_steps=min(eval_steps, 2), chunk=8,
-                            table_steps=(0, 1, 2)),
+            eval=EvalConfig(
+                num_tasks=8, inner_steps=min(eval_steps, 2), chunk=8, table_steps=(0, 1, 2)
+            ),
         )
     parts = (variant or "5w1s_maml").split("_")
     gpu = parts[-1] == "gpu"
     if gpu:
         parts = parts[:-1]
     if len(parts) != 2 or parts[0] not in SETTINGS:
-        raise ValueError(f"omniglot variant {variant!r}: expected <{'|'.join(SETTINGS)}>_"
-                         f"<{'|'.join(ALGORITHMS)}>[_gpu] or 'tiny'.")
+        raise ValueError(
+            f"omniglot variant {variant!r}: expected <{'|'.join(SETTINGS)}>_"
+            f"<{'|'.join(ALGORITHMS)}>[_gpu] or 'tiny'."
+        )
     setting, algo = parts
     ways, shots = SETTINGS[setting]
     algorithm, optimizer, eval_steps = _algorithm(algo, setting, gpu)
@@ -121,18 +132,21 @@ def get_config(variant: str = "") -> Config:
     if algo == "reptile":
         train_shots, meta_batch = REPTILE[setting][0], REPTILE[setting][5]
     if gpu:
-        task = OmniglotTask(ways=ways, shots=shots, queries=15, filters=64,
-                            train_shots=train_shots)
+        task = OmniglotTask(ways=ways, shots=shots, queries=15, filters=64, train_shots=train_shots)
         steps = REPTILE_META_ITERS[setting] if algo == "reptile" else 60_000
-        train = TrainConfig(steps=steps, meta_batch=meta_batch or (32 if ways <= 5 else 16),
-                            log_every=100, checkpoint_every=5_000)
+        train = TrainConfig(
+            steps=steps,
+            meta_batch=meta_batch or (32 if ways <= 5 else 16),
+            log_every=100,
+            checkpoint_every=5_000,
+        )
     else:
-        task = OmniglotTask(ways=ways, shots=shots, queries=5, filters=32,
-                            train_shots=train_shots)
+        task = OmniglotTask(ways=ways, shots=shots, queries=5, filters=32, train_shots=train_shots)
         # A 20-way second-order step costs about 4x a 5-way one: half the steps.
         steps = 1_000 if algo == "protonets" or ways > 5 else 2_000
-        train = TrainConfig(steps=steps, meta_batch=meta_batch or 8, log_every=50,
-                            checkpoint_every=250)
+        train = TrainConfig(
+            steps=steps, meta_batch=meta_batch or 8, log_every=50, checkpoint_every=250
+        )
     table = tuple(sorted({0, 1, 3, 10, eval_steps})) if eval_steps else (0,)
     return Config(
         name=f"omniglot_{setting}_{algo}" + ("_gpu" if gpu else ""),
@@ -141,11 +155,15 @@ def get_config(variant: str = "") -> Config:
         algorithm=algorithm,
         optimizer=optimizer,
         train=train,
-        eval=EvalConfig(num_tasks=600, inner_steps=eval_steps, chunk=50 if ways <= 5 else 20,
-                        table_steps=table, vmap_tasks=gpu),
+        eval=EvalConfig(
+            num_tasks=600,
+            inner_steps=eval_steps,
+            chunk=50 if ways <= 5 else 20,
+            table_steps=table,
+            vmap_tasks=gpu,
+        ),
     )
 
 
 _CPU = [f"{s}_{a}" for s in SETTINGS for a in ALGORITHMS]
 VARIANTS = ("tiny", *(f"tiny_{a}" for a in ALGORITHMS[1:]), *_CPU, *(f"{v}_gpu" for v in _CPU))
-

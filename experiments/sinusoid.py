@@ -31,8 +31,10 @@ from metajax.run.config import (
 )
 from metajax.run.families.sinusoid import SinusoidTask
 
-VARIANTS = (*(f"k{k}_{a}" for k in (5, 10, 20) for a in ("maml", "fomaml", "reptile",
-                                                            "pretrain")), "tiny")
+VARIANTS = (
+    *(f"k{k}_{a}" for k in (5, 10, 20) for a in ("maml", "fomaml", "reptile", "pretrain")),
+    "tiny",
+)
 
 
 def get_config(variant: str = "") -> Config:
@@ -51,25 +53,32 @@ def get_config(variant: str = "") -> Config:
             raise ValueError(f"sinusoid variant {variant!r}: expected k<shots>[_<algorithm>].")
         shots = int(name[1:])
         config = dataclasses.replace(
-            config, name=f"sinusoid_{name}", task=dataclasses.replace(config.task, shots=shots))
+            config, name=f"sinusoid_{name}", task=dataclasses.replace(config.task, shots=shots)
+        )
     if algo in ("", "maml"):
         return config
     if algo == "fomaml":
         return dataclasses.replace(
-            config, name=f"{config.name}_fomaml",
-            algorithm=AlgorithmConfig(name="fomaml", inner_steps=1, inner_lr=0.01))
+            config,
+            name=f"{config.name}_fomaml",
+            algorithm=AlgorithmConfig(name="fomaml", inner_steps=1, inner_lr=0.01),
+        )
     if algo == "reptile":
         # Reptile's pseudo-gradient with plain SGD at 1.0 is the paper's batched update.
         return dataclasses.replace(
-            config, name=f"{config.name}_reptile",
+            config,
+            name=f"{config.name}_reptile",
             algorithm=AlgorithmConfig(name="reptile", inner_steps=5, inner_lr=0.01),
-            optimizer=OptimizerConfig(name="sgd", lr=1.0))
+            optimizer=OptimizerConfig(name="sgd", lr=1.0),
+        )
     if algo == "pretrain":
         # One model fitted to all tasks pooled (Adam 1e-3, like MAML's outer loop), then
         # fine-tuned at test time with MAML's inner rule: SGD at 0.01.
         return dataclasses.replace(
-            config, name=f"{config.name}_pretrain",
-            algorithm=AlgorithmConfig(name="pretrain", inner_steps=1, inner_lr=0.01))
+            config,
+            name=f"{config.name}_pretrain",
+            algorithm=AlgorithmConfig(name="pretrain", inner_steps=1, inner_lr=0.01),
+        )
     if variant == "tiny":
         return Config(
             name="sinusoid_tiny",
@@ -83,4 +92,5 @@ def get_config(variant: str = "") -> Config:
         )
     raise ValueError(
         f"sinusoid has no variant {variant!r}; choose [k<shots>_]{{maml,fomaml,reptile,pretrain}}"
-        " or 'tiny' (e.g. 'k5_reptile').")
+        " or 'tiny' (e.g. 'k5_reptile')."
+    )

@@ -19,17 +19,20 @@ tokenizer.json, vocab.json, merges.txt), copy the folder over, then run::
 
 Without ``task.checkpoint`` the model is a random-weights GPT-2 of ``task.size`` over byte
 tokens: it trains, but is not a pretrained model. Training logs the query loss before and
-after the inner step; ``metajax eval`` then adapts 100 held-out tasks for 0 to 5 steps and
-prints their bits per token: the pretrained model's score is step 0 of a run's first
-evaluation, and meta-training should lower the adapted rows below it.
+after the inner step: the first ``loss_before`` is the pretrained model's own query loss (the
+factors start at B = 0). At the end the run adapts 100 held-out tasks for 0 to 5 steps and
+prints their bits per token; the adapted rows should lie below step 0, and both below the
+pretrained model's.
 
-Cost: the 124M model (``gpt2``, float32) with 4 tasks of 4 + 4 words of 16 tokens is several
-seconds per second-order meta-step per task on a 2-core CPU (benchmarks/README.md, section
-``gpt2``, has the measured step times); 500 meta-steps is then several hours there. Options:
-``fomaml`` (no second-order term), fewer ``train.steps``, or a GPU with
-``--set task.dtype=bfloat16``. The meta-parameters hold the full GPT-2 (for the held-out
-adaptation and the checkpoints), so each vmapped task merges its own copy of the weights:
-memory grows by about 0.5 GB per task of ``train.meta_batch`` and of ``eval.chunk``.
+Cost: one second-order step through LoRA on the 124M model is about 0.4 TFLOP per task of
+4 + 4 sequences of 32 tokens (XLA's count, benchmarks/README.md section ``gpt2``, with the
+measured step times); this config's 16-token words are about half that, so a meta-step of 4
+tasks is about 0.8 TFLOP and 500 meta-steps take hours on a 2-core CPU, not one. What a
+user needs: a GPU (``--set task.dtype=bfloat16``), or ``fomaml`` (about half the FLOPs), or
+fewer ``train.steps``. The meta-parameters hold the whole GPT-2 (the checkpoints and the
+held-out adaptation need it), and each vmapped task merges its own copy of the weights, so
+memory grows with every task of ``train.meta_batch`` and ``eval.chunk`` (benchmarks/README.md
+has the temporary memory of one and two tasks).
 """
 
 import dataclasses

@@ -36,11 +36,15 @@ VARIANTS = (*_CPU, *(f"{v}_gpu" for v in _CPU), "tiny", "tiny_fomaml", "tiny_rep
 
 def _algorithm(algo: str):
     if algo == "reptile":
-        return (AlgorithmConfig(name="reptile", inner_steps=5, inner_lr=0.1),
-                OptimizerConfig(name="sgd", lr=1.0))
+        return (
+            AlgorithmConfig(name="reptile", inner_steps=5, inner_lr=0.1),
+            OptimizerConfig(name="sgd", lr=1.0),
+        )
     if algo in ("maml", "fomaml"):
-        return (AlgorithmConfig(name=algo, inner_steps=1, inner_lr=0.4),
-                OptimizerConfig(name="adam", lr=1e-3, clip_norm=1.0))
+        return (
+            AlgorithmConfig(name=algo, inner_steps=1, inner_lr=0.4),
+            OptimizerConfig(name="adam", lr=1e-3, clip_norm=1.0),
+        )
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGORITHMS}.")
 
 
@@ -50,8 +54,17 @@ def get_config(variant: str = "") -> Config:
         return Config(
             name=variant.replace("tiny", "words_langid_tiny"),
             family="words_langid",
-            task=WordsTask(ways=3, shots=1, queries=2, max_len=16, num_words=200, width=16,
-                           depth=1, heads=2, mlp_width=32),
+            task=WordsTask(
+                ways=3,
+                shots=1,
+                queries=2,
+                max_len=16,
+                num_words=200,
+                width=16,
+                depth=1,
+                heads=2,
+                mlp_width=32,
+            ),
             algorithm=dataclasses.replace(algo_cfg, inner_steps=1),
             optimizer=opt,
             train=TrainConfig(steps=4, meta_batch=8, log_every=2, checkpoint_every=4),
@@ -61,12 +74,15 @@ def get_config(variant: str = "") -> Config:
     gpu = parts[-1] == "gpu"
     parts = parts[:-1] if gpu else parts
     if len(parts) != 2 or parts[0] not in SETTINGS:
-        raise ValueError(f"words_langid variant {variant!r}: expected <{'|'.join(SETTINGS)}>_"
-                         f"<{'|'.join(ALGORITHMS)}>[_gpu] or 'tiny'.")
+        raise ValueError(
+            f"words_langid variant {variant!r}: expected <{'|'.join(SETTINGS)}>_"
+            f"<{'|'.join(ALGORITHMS)}>[_gpu] or 'tiny'."
+        )
     (ways, shots), (algo_cfg, opt) = SETTINGS[parts[0]], _algorithm(parts[1])
     if gpu:
-        task = WordsTask(ways=ways, shots=shots, queries=5, width=256, depth=4, heads=8,
-                         mlp_width=1024)
+        task = WordsTask(
+            ways=ways, shots=shots, queries=5, width=256, depth=4, heads=8, mlp_width=1024
+        )
         train = TrainConfig(steps=20_000, meta_batch=32, log_every=100, checkpoint_every=2_000)
     else:
         task = WordsTask(ways=ways, shots=shots, queries=5)

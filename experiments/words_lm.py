@@ -30,8 +30,12 @@ from metajax.run.config import (
 from metajax.run.families.words_lm import WordsTask
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain")
-VARIANTS = (*ALGORITHMS, *(f"{a}_gpu" for a in ALGORITHMS), "tiny",
-            *(f"tiny_{a}" for a in ALGORITHMS[1:]))
+VARIANTS = (
+    *ALGORITHMS,
+    *(f"{a}_gpu" for a in ALGORITHMS),
+    "tiny",
+    *(f"tiny_{a}" for a in ALGORITHMS[1:]),
+)
 
 
 def algorithm(algo: str, inner_steps: int, inner_lr: float):
@@ -40,8 +44,10 @@ def algorithm(algo: str, inner_steps: int, inner_lr: float):
     if algo == "reptile":
         # Reptile needs several inner steps to differ from joint training; outer SGD on the
         # pseudo-gradient (Nichol et al., 2018).
-        return (AlgorithmConfig(name="reptile", inner_steps=max(inner_steps, 5),
-                                inner_lr=inner_lr), OptimizerConfig(name="sgd", lr=1.0))
+        return (
+            AlgorithmConfig(name="reptile", inner_steps=max(inner_steps, 5), inner_lr=inner_lr),
+            OptimizerConfig(name="sgd", lr=1.0),
+        )
     if algo in ("maml", "fomaml", "pretrain"):
         return AlgorithmConfig(name=algo, inner_steps=inner_steps, inner_lr=inner_lr), adam
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGORITHMS}.")
@@ -52,15 +58,25 @@ def get_config(variant: str = "") -> Config:
     if algo == "tiny":
         algo, size = size or "maml", "tiny"
     if size not in ("", "gpu", "tiny"):
-        raise ValueError(f"words_lm variant {variant!r}: expected <{'|'.join(ALGORITHMS)}>"
-                         "[_gpu], 'tiny' or 'tiny_<algorithm>'.")
+        raise ValueError(
+            f"words_lm variant {variant!r}: expected <{'|'.join(ALGORITHMS)}>"
+            "[_gpu], 'tiny' or 'tiny_<algorithm>'."
+        )
     if size == "tiny":
         algo_cfg, opt = algorithm(algo, 1, 0.1)
         return Config(
             name=f"words_lm_tiny_{algo}",
             family="words_lm",
-            task=WordsTask(shots=4, queries=4, max_len=16, num_words=200, width=16, depth=1,
-                           heads=2, mlp_width=32),
+            task=WordsTask(
+                shots=4,
+                queries=4,
+                max_len=16,
+                num_words=200,
+                width=16,
+                depth=1,
+                heads=2,
+                mlp_width=32,
+            ),
             algorithm=dataclasses.replace(algo_cfg, inner_steps=1),
             optimizer=opt,
             train=TrainConfig(steps=4, meta_batch=8, log_every=2, checkpoint_every=4),
@@ -68,8 +84,9 @@ def get_config(variant: str = "") -> Config:
         )
     if size == "gpu":
         algo_cfg, opt = algorithm(algo, 5, 0.1)
-        task = WordsTask(shots=16, queries=16, max_len=24, width=256, depth=4, heads=8,
-                         mlp_width=1024)
+        task = WordsTask(
+            shots=16, queries=16, max_len=24, width=256, depth=4, heads=8, mlp_width=1024
+        )
         train = TrainConfig(steps=20_000, meta_batch=32, log_every=100, checkpoint_every=2_000)
     else:
         algo_cfg, opt = algorithm(algo, 1, 0.1)

@@ -73,7 +73,7 @@ def adapt(
         and so trace and compile time, does not grow with ``steps``. True
         unrolls them in Python: one copy of the step per inner step, compiled
         more slowly, sometimes faster to run (XLA:CPU runs convolutions inside
-        loops on a slow path, jax-ml/jax#12868).
+        loops on a slow path).
       support_per_step: the support leaves have a leading axis of size ``steps``
         and step ``k`` fits ``support[k]``: a mini-batched inner loop (Reptile
         trains on mini-batches of more examples than a test task has).
@@ -319,11 +319,12 @@ def _tied_call_fwd(run: Callable, flat_x: list, consts: list) -> tuple[list, tup
 
 def _tied_call_bwd(run: Callable, saved: tuple, cts: list) -> tuple[list, list]:
     flat_x, consts = saved
-    firsts = [c.ravel()[0] for c in cts if _is_float(c) and c.size]
-    if firsts:
-        total = sum(firsts)
+    # One element of one cotangent is enough to order the recomputation after the backward
+    # pass of the next step; XLA copies this scalar into every fusion that reads it.
+    first = next((c.ravel()[0] for c in cts if _is_float(c) and c.size), None)
+    if first is not None:
         # Exactly zero, also for a non-finite cotangent; XLA does not fold x * 0 for floats.
-        zero = jax.lax.select(jnp.isfinite(total), total * 0, jnp.zeros_like(total))
+        zero = jax.lax.select(jnp.isfinite(first), first * 0, jnp.zeros_like(first))
         flat_x = [x + zero.astype(x.dtype) if _is_float(x) else x for x in flat_x]
     _, vjp = jax.vjp(run, flat_x, consts)
     return vjp(cts)

@@ -39,8 +39,9 @@ def task_mesh(num_devices: int | None = None, devices: Sequence[Any] | None = No
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"num_devices={num_devices}, but {len(devices)} devices exist.")
         devices = devices[:num_devices]
-    return jax.make_mesh((len(devices),), (TASK_AXIS,), axis_types=(AxisType.Auto,),
-                         devices=devices)
+    return jax.make_mesh(
+        (len(devices),), (TASK_AXIS,), axis_types=(AxisType.Auto,), devices=devices
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -80,6 +81,13 @@ def task_model_mesh(tasks: int, model: int, devices: Sequence[Any] | None = None
         axis_types=(AxisType.Auto, AxisType.Auto),
         devices=devices[: tasks * model],
     )
+
+
+def auto_axes(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis of type ``Auto`` (the same devices and names)."""
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 def task_axis_size(mesh: Mesh) -> int:
@@ -207,7 +215,8 @@ def shard_tasks(local_tasks: Task, mesh: Mesh) -> Task:
         what = "devices" if len(mesh.axis_names) == 1 else "shards of mesh axis 'tasks'"
         check_divisible(x.shape[0] * count, task_axis_size(mesh), what)
         return jax.make_array_from_process_local_data(
-            sharding, x, (x.shape[0] * count, *x.shape[1:]))
+            sharding, x, (x.shape[0] * count, *x.shape[1:])
+        )
 
     return jax.tree.map(put, local_tasks)
 
@@ -269,8 +278,8 @@ def replicate(tree: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
     devices = list(jax.local_devices() if devices is None else devices)
     sharding = NamedSharding(Mesh(np.array(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
     return jax.tree.map(
-        lambda x: jax.device_put(jnp.broadcast_to(x, (len(devices), *np.shape(x))), sharding),
-        tree)
+        lambda x: jax.device_put(jnp.broadcast_to(x, (len(devices), *np.shape(x))), sharding), tree
+    )
 
 
 def unreplicate(tree: PyTree) -> PyTree:

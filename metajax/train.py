@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 from metajax import parallel as _parallel
 from metajax.algorithms.base import MetaLearner
@@ -56,8 +56,7 @@ def train_state(
     """
     meta_params = jax.tree.map(jnp.array, algo.init(params))  # jnp.array copies
     key_data = None if key is None else jax.random.key_data(key)
-    return TrainState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32),
-                      key_data)
+    return TrainState(meta_params, optimizer.init(meta_params), jnp.zeros((), jnp.int32), key_data)
 
 
 def _update(algo, optimizer, num_shards, reduce, state: TrainState, tasks: Task):
@@ -131,6 +130,11 @@ def make_train_step(
         return _parallel.make_pmap_step(update, None if mesh is None else mesh.size)
     if mesh is None:
         return jax.jit(functools.partial(_update, algo, optimizer, 1, None), donate_argnums=(0,))
+    explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
+    # An Explicit mesh (jax.make_mesh's default) puts shardings in the arrays' types, and a
+    # lax.scan inner loop under vmap then fails to trace (jax 0.10); the step runs on the
+    # same devices with Auto axes instead, its inputs re-labelled (no data moves).
+    mesh = _parallel.auto_axes(mesh)
     num_shards = _parallel.task_axis_size(mesh)
     what = "devices" if len(mesh.axis_names) == 1 else "shards of mesh axis 'tasks'"
     update = functools.partial(_update, algo, optimizer, num_shards, None)
@@ -162,6 +166,9 @@ def make_train_step(
     def step(state: TrainState, tasks: Task):
         # jit checks in_shardings before tracing, with a message about tiling factors.
         _parallel.check_divisible(jax.tree.leaves(tasks)[0].shape[0], num_shards, what)
+        if explicit:
+            tasks = jax.device_put(tasks, task_sharding)
+            state = jax.device_put(state, _parallel.state_shardings(state, mesh, state_sharding))
         return jitted_for(state)(state, tasks)
 
     step.jitted_for = jitted_for
@@ -240,8 +247,12 @@ def evaluate(
             parts.append(jax.device_get(run(params, tasks)))
             continue
         tasks = jax.device_get(tasks)  # slice on the host, not one device op per leaf
-        per_task = jax.device_get([run(params, jax.tree.map(lambda x, i=i: x[i], tasks))
-                                   for i in range(jax.tree.leaves(tasks)[0].shape[0])])
+        per_task = jax.device_get(
+            [
+                run(params, jax.tree.map(lambda x, i=i: x[i], tasks))
+                for i in range(jax.tree.leaves(tasks)[0].shape[0])
+            ]
+        )
         parts.append(jax.tree.map(lambda *xs: np.stack(xs), *per_task))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -266,6 +277,8 @@ def summarize(per_task: dict[str, np.ndarray]) -> dict[str, dict[str, list[float
         values = np.asarray(values, np.float64)
         n = values.shape[0]
         std = values.std(axis=0, ddof=1) if n > 1 else np.zeros(values.shape[1:])
-        out[name] = {"mean": values.mean(axis=0).tolist(),
-                     "ci95": (1.96 * std / np.sqrt(n)).tolist()}
+        out[name] = {
+            "mean": values.mean(axis=0).tolist(),
+            "ci95": (1.96 * std / np.sqrt(n)).tolist(),
+        }
     return out

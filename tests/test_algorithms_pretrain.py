@@ -28,8 +28,9 @@ def test_meta_grad_is_the_plain_gradient_of_the_pooled_loss():
         return sum(losses) / 3
 
     expected = jax.grad(pooled)(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 grads, expected)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, expected
+    )
     # Not MAML's gradient: pooling differs from the query loss after adaptation.
     maml_grads, _ = mj.maml(mse_loss, inner_steps=2, inner_lr=0.1).meta_grad(params, tasks)
     diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads, maml_grads)
@@ -37,9 +38,15 @@ def test_meta_grad_is_the_plain_gradient_of_the_pooled_loss():
 
     # Metrics: the query loss before and after fine-tuning with the inner rule.
     before = np.mean([mse_loss(params, take_task(tasks, i).query) for i in range(3)])
-    after = np.mean([
-        mse_loss(mj.adapt(mse_loss, params, take_task(tasks, i).support, steps=2, lr=0.1),
-                 take_task(tasks, i).query) for i in range(3)])
+    after = np.mean(
+        [
+            mse_loss(
+                mj.adapt(mse_loss, params, take_task(tasks, i).support, steps=2, lr=0.1),
+                take_task(tasks, i).query,
+            )
+            for i in range(3)
+        ]
+    )
     np.testing.assert_allclose(metrics["loss_before"], before, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss_after"], after, rtol=1e-5)
 

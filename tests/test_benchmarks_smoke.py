@@ -10,14 +10,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_runner_smoke(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT),
-           # Smoke sizes measure nothing: compile fast rather than well.
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        # Smoke sizes measure nothing: compile fast rather than well.
+        "XLA_FLAGS": "--xla_backend_optimization_level=0",
+    }
     suites = ["standard", "convnet", "inner_steps", "meta_batch", "model_size", "compile_cache"]
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--smoke", "--repeats", "2", "--out",
-         str(tmp_path), "--suite", *suites],
-        cwd=ROOT, env=env, check=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--smoke",
+            "--repeats",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--suite",
+            *suites,
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=900,
     )
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["suites"]) == set(suites)
@@ -40,12 +56,23 @@ def test_benchmark_runner_smoke(tmp_path):
 
 
 def test_profile_step_smoke(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.profile_step", "--smoke", "--no-torch", "--repeats",
-         "2", "--out", str(tmp_path)],
-        cwd=ROOT, env=env, check=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.profile_step",
+            "--smoke",
+            "--no-torch",
+            "--repeats",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=900,
     )
     result = json.loads((tmp_path / "profile.json").read_text())
     # Every executed kernel was found in the optimised HLO and the matmuls were recognised.

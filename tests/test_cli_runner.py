@@ -43,15 +43,28 @@ def test_tiny_train_then_eval_end_to_end(tmp_path, capsys):
     # Step 0 of the evaluation is the meta-learned model's plain query loss on the test tasks.
     exp = experiment.build(load_config("sinusoid:tiny"))
     state = Checkpointer(workdir / "checkpoints").restore(
-        train_state(exp.algo, exp.params, exp.optimizer))
+        train_state(exp.algo, exp.params, exp.optimizer)
+    )
     tasks = exp.setup.eval_source.sample(0, 16)
     losses = jax.vmap(exp.setup.loss_fn, in_axes=(None, 0))(state.meta_params, tasks.query)
     np.testing.assert_allclose(loss["mean"][0], np.mean(losses), rtol=1e-5)
     np.testing.assert_allclose(loss["ci95"][0], 1.96 * np.std(losses, ddof=1) / 4.0, rtol=1e-4)
 
     # `metajax eval` on the workdir reproduces the numbers, with more tasks when asked.
-    assert cli.main(["eval", "sinusoid:tiny", "--workdir", str(workdir),
-                     "--set", "eval.num_tasks=24", "eval.chunk=10"]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "sinusoid:tiny",
+                "--workdir",
+                str(workdir),
+                "--set",
+                "eval.num_tasks=24",
+                "eval.chunk=10",
+            ]
+        )
+        == 0
+    )
     again = json.loads((workdir / "eval.json").read_text())
     assert again["num_tasks"] == 24
     assert "Held-out evaluation on 24 test tasks" in capsys.readouterr().out
@@ -75,8 +88,10 @@ def test_bad_overrides_name_the_key(override, message):
 
 
 def test_overrides_parse_by_type_and_cli_reports_errors(tmp_path, capsys):
-    config = load_config("sinusoid", ["task.shots=5", "algorithm.first_order=true",
-                                      "optimizer.lr=3e-4", "task.hidden=(64, 64)"])
+    config = load_config(
+        "sinusoid",
+        ["task.shots=5", "algorithm.first_order=true", "optimizer.lr=3e-4", "task.hidden=(64, 64)"],
+    )
     assert (config.task.shots, config.algorithm.first_order) == (5, True)
     assert config.optimizer.lr == 3e-4 and config.task.hidden == (64, 64)
     with pytest.raises(ConfigError, match="no variant 'huge'"):
@@ -99,8 +114,16 @@ def test_overrides_parse_by_type_and_cli_reports_errors(tmp_path, capsys):
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, capsys):
     # Fine for 4 steps, then (resumed) an outer learning rate that blows the parameters up.
     workdir = tmp_path / "run"
-    base = ["train", "sinusoid:tiny", "--workdir", str(workdir), "--no-progress", "--set",
-            "train.log_every=1", "train.checkpoint_every=4"]
+    base = [
+        "train",
+        "sinusoid:tiny",
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        "--set",
+        "train.log_every=1",
+        "train.checkpoint_every=4",
+    ]
     assert cli.main([*base, "train.steps=4", "eval.after_train=false"]) == 0
     code = cli.main([*base, "train.steps=12", "optimizer.lr=1e30", "--allow-changes"])
     err = capsys.readouterr().err
@@ -113,8 +136,10 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, capsys):
 
 def test_fomaml_and_reptile_variants_build_and_step(tmp_path):
     for variant in ("fomaml", "reptile"):
-        config = load_config(f"sinusoid:{variant}", [
-            "train.steps=2", "train.meta_batch=8", "task.hidden=(8,)", "eval.after_train=false"])
+        config = load_config(
+            f"sinusoid:{variant}",
+            ["train.steps=2", "train.meta_batch=8", "task.hidden=(8,)", "eval.after_train=false"],
+        )
         state = runner.train(config, tmp_path / variant, progress=False, echo=lambda *_: None)
         assert int(state.step) == 2
         assert np.isfinite(jax.tree.leaves(jax.device_get(state.meta_params))[0]).all()
@@ -123,8 +148,14 @@ def test_fomaml_and_reptile_variants_build_and_step(tmp_path):
 def test_runner_pmap_path_matches_sharding(tmp_path):
     sets = ["train.steps=3", "eval.after_train=false"]
     states = [
-        jax.device_get(runner.train(load_config("sinusoid:tiny", [*sets, f"train.parallel={mode}"]),
-                                    tmp_path / mode, progress=False, echo=lambda *_: None))
+        jax.device_get(
+            runner.train(
+                load_config("sinusoid:tiny", [*sets, f"train.parallel={mode}"]),
+                tmp_path / mode,
+                progress=False,
+                echo=lambda *_: None,
+            )
+        )
         for mode in ("sharding", "pmap")
     ]
     assert int(states[1].step) == 3
@@ -140,8 +171,13 @@ def _toy_setup():
 
 
 def test_inner_optimizer_and_outer_schedule_from_config():
-    base = experiment.AlgorithmConfig(name="reptile", inner_steps=2, inner_lr=0.01,
-                                      inner_optimizer="adam", inner_optimizer_args=(("b1", 0.0),))
+    base = experiment.AlgorithmConfig(
+        name="reptile",
+        inner_steps=2,
+        inner_lr=0.01,
+        inner_optimizer="adam",
+        inner_optimizer_args=(("b1", 0.0),),
+    )
     rule = experiment.inner_rule(base)
     assert rule["inner_lr"] is None and rule["inner_optimizer"] is not None
     bad = [
@@ -154,8 +190,9 @@ def test_inner_optimizer_and_outer_schedule_from_config():
         with pytest.raises(ConfigError, match=message):
             experiment.make_algorithm(cfg, _toy_setup())
     # A linear schedule takes the full step first and none at the last step.
-    opt = experiment.make_optimizer(experiment.OptimizerConfig(name="sgd", lr=1.0,
-                                                               schedule="linear"), 4)
+    opt = experiment.make_optimizer(
+        experiment.OptimizerConfig(name="sgd", lr=1.0, schedule="linear"), 4
+    )
     params, sizes = np.zeros((), np.float32), []
     state = opt.init(params)
     for _ in range(4):

@@ -32,7 +32,15 @@ def _train(spec, workdir, *overrides):
 
 def test_every_config_file_is_listed_and_has_a_tiny_variant():
     names = experiment_names()
-    for name in ("sinusoid", "omniglot", "words_lm", "words_langid"):
+    for name in (
+        "sinusoid",
+        "omniglot",
+        "words_lm",
+        "words_langid",
+        "fewrel",
+        "translate",
+        "words_gpt2",
+    ):
         assert name in names
         assert load_config(f"{name}:tiny").train.steps <= 20
 
@@ -49,8 +57,8 @@ def test_every_named_omniglot_variant_loads_with_its_algorithm():
     assert len(variants) == 5 + 2 * 15
     for v in variants:
         c = load_config(f"omniglot:{v}")
-        ways = c.task.ways
         assert c.name.startswith("omniglot_")
+        assert c.task.ways == int(v.split("w")[0]) if v[0].isdigit() else c.task.ways == 5
         if "protonets" in v:
             assert c.eval.inner_steps == 0 and c.algorithm.name == "protonets"
         elif not v.endswith("_gpu"):  # one task at a time on a CPU
@@ -58,15 +66,17 @@ def test_every_named_omniglot_variant_loads_with_its_algorithm():
         assert c.algorithm.name in ALGORITHMS
         if v.endswith("_gpu"):
             # Reptile's published budget is 100K outer steps (200K for 20-way); MAML's 60K.
-            expected_steps = ({"20w1s": 200_000}.get(v.split("_")[0], 100_000) if "reptile" in v
-                              else 60_000)
+            expected_steps = (
+                {"20w1s": 200_000}.get(v.split("_")[0], 100_000) if "reptile" in v else 60_000
+            )
             assert c.task.filters == 64 and c.train.steps == expected_steps
     with pytest.raises(Exception, match="variant"):
         load_config("omniglot:5w2s_maml")
 
 
-@pytest.mark.parametrize(("k", "algo"), [(5, "maml"), (10, "fomaml"), (20, "reptile"),
-                                         (5, "pretrain")])
+@pytest.mark.parametrize(
+    ("k", "algo"), [(5, "maml"), (10, "fomaml"), (20, "reptile"), (5, "pretrain")]
+)
 def test_sinusoid_variants(k, algo):
     c = load_config(f"sinusoid:k{k}_{algo}")
     assert c.task.shots == k and c.algorithm.name == algo
@@ -115,8 +125,16 @@ def test_words_langid_tiny(tmp_path):
     assert abs(langid["metrics"]["loss"]["mean"][0] - math.log(3)) < 0.5
 
 
-@pytest.mark.parametrize("spec", ["words_lm:maml", "words_lm:reptile", "words_lm:pretrain_gpu",
-                                  "words_langid:5w5s_fomaml", "words_langid:5w1s_reptile_gpu"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "words_lm:maml",
+        "words_lm:reptile",
+        "words_lm:pretrain_gpu",
+        "words_langid:5w5s_fomaml",
+        "words_langid:5w1s_reptile_gpu",
+    ],
+)
 def test_language_configs(spec):
     c = load_config(spec)
     algo = spec.split(":")[1].split("_")[-2 if spec.endswith("_gpu") else -1]
@@ -124,3 +142,45 @@ def test_language_configs(spec):
     assert c.task.width == (256 if spec.endswith("_gpu") else 64)
     if algo == "reptile":  # several inner steps, outer SGD on the pseudo-gradient
         assert c.algorithm.inner_steps >= 5 and c.optimizer.name == "sgd"
+
+
+def test_translate_tiny_reports_chrf(tmp_path):
+    result = _train("translate:tiny", tmp_path / "tr")
+    metrics = result["metrics"]
+    assert set(metrics) >= {"loss", "bits_per_byte", "chrf", "exact_match"}
+    assert all(0.0 <= c <= 100.0 for c in metrics["chrf"]["mean"])
+    assert metrics["loss"]["mean"][2] < metrics["loss"]["mean"][0]
+
+
+FEWREL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fewrel"
+
+
+@pytest.mark.skipif(not FEWREL.is_dir(), reason="needs ../shared/data/fewrel")
+def test_fewrel_tiny_protonets_then_eval_on_another_file(tmp_path):
+    workdir = tmp_path / "fr"
+    result = _train("fewrel:tiny_protonets", workdir)
+    assert 0.0 <= result["metrics"]["accuracy"]["mean"][0] <= 1.0
+    # Evaluation on any FewRel-format file: here the web-text relations instead of the news.
+    code = cli.main(
+        [
+            "eval",
+            "--workdir",
+            str(workdir),
+            "--set",
+            f"task.test_files=('{FEWREL / 'val_semeval.json'}',)",
+            "task.train_files=('val_wiki.json',)",
+            "task.val_files=('val_wiki.json',)",
+        ]
+    )
+    assert code == 2  # the training files are fixed by training
+    code = cli.main(
+        [
+            "eval",
+            "--workdir",
+            str(workdir),
+            "--set",
+            f"task.test_files=('{FEWREL / 'val_semeval.json'}',)",
+        ]
+    )
+    assert code == 0
+    assert _eval(workdir)["config"]["task"]["test_files"] == [str(FEWREL / "val_semeval.json")]

@@ -6,19 +6,35 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "metajax"
-HEAVY = ("orbax", "tensorflow_datasets", "matplotlib", "tqdm", "wordfreq", "safetensors",
-         "tokenizers", "babel", "sacrebleu")
+HEAVY = (
+    "orbax",
+    "tensorflow_datasets",
+    "matplotlib",
+    "tqdm",
+    "wordfreq",
+    "safetensors",
+    "tokenizers",
+    "babel",
+    "sacrebleu",
+)
 
 
 def test_import_metajax_loads_no_runner_dependency():
-    code = ("import sys, metajax; print(sorted({m.split('.')[0] for m in sys.modules} & "
-            f"set({HEAVY!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    code = (
+        "import sys, metajax; print(sorted({m.split('.')[0] for m in sys.modules} & "
+        f"set({HEAVY!r})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "[]"
     code = "import sys, metajax; print('metajax.run' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "False"
+    )
 
 
 def _imports(path: Path) -> set[str]:
@@ -32,9 +48,12 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_only_the_runner_imports_the_runner():
-    offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
-                 if "run" not in p.relative_to(PACKAGE).parts[:1]
-                 and any(n == "metajax.run" or n.startswith("metajax.run.") for n in _imports(p))]
+    offenders = [
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if "run" not in p.relative_to(PACKAGE).parts[:1]
+        and any(n == "metajax.run" or n.startswith("metajax.run.") for n in _imports(p))
+    ]
     assert offenders == []
 
 

@@ -158,8 +158,7 @@ def test_support_per_step_fits_one_batch_per_step(problem, unroll):
     x, y = task.support  # 5 points: steps 0, 1, 2 fit points (0, 1), (2, 3), (4, 0)
     idx = np.array([[0, 1], [2, 3], [4, 0]])
     batches = (x[idx], y[idx])
-    got = mj.adapt(mse_loss, params, batches, steps=3, lr=0.2, support_per_step=True,
-                   unroll=unroll)
+    got = mj.adapt(mse_loss, params, batches, steps=3, lr=0.2, support_per_step=True, unroll=unroll)
     want = params
     for k in range(3):
         want = sgd_by_hand(want, (x[idx[k]], y[idx[k]]), [jax.tree.map(lambda _: 0.2, params)])
@@ -168,3 +167,47 @@ def test_support_per_step_fits_one_batch_per_step(problem, unroll):
     assert rel_error(got, mj.adapt(mse_loss, params, task.support, steps=3, lr=0.2)) > 1e-3
     with pytest.raises(ValueError, match="leading axis of size steps=4"):
         mj.adapt(mse_loss, params, batches, steps=4, lr=0.2, support_per_step=True)
+
+
+def noisy_loss(params, batch, *, key):
+    """mse on inputs with key-dependent noise: the adapted params depend on every step's key."""
+    x, y = batch
+    return mse_loss(params, (x + 0.3 * jax.random.normal(key, x.shape), y))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_key_is_folded_in_per_step(problem, remat):
+    params, task = problem
+    key = jax.random.key(7)
+    got = mj.adapt(noisy_loss, params, task.support, steps=3, lr=0.2, key=key, remat=remat)
+    want = params
+    for k in range(3):
+        step_loss = lambda p, k=k: noisy_loss(p, task.support, key=jax.random.fold_in(key, k))
+        want = jax.tree.map(lambda p, g: p - 0.2 * g, want, jax.grad(step_loss)(want))
+    assert rel_error(got, want) < 1e-6
+    other = mj.adapt(noisy_loss, params, task.support, steps=3, lr=0.2, key=jax.random.key(8))
+    assert rel_error(other, got) > 1e-3
+    same = mj.adapt(noisy_loss, params, task.support, steps=3, lr=0.2, key=jax.random.key(7))
+    assert rel_error(same, got) < 1e-6
+    for unroll in (True, False):
+        adapt = lambda p, s, k, unroll=unroll: mj.adapt(
+            noisy_loss, p, s, steps=3, lr=0.2, key=k, remat=remat, unroll=unroll
+        )
+        assert rel_error(jax.jit(adapt)(params, task.support, key), want) < 1e-6
+
+
+def test_key_input_errors(problem):
+    params, task = problem
+    with pytest.raises(TypeError, match="key must be a PRNG key"):
+        mj.adapt(noisy_loss, params, task.support, steps=1, lr=0.1, key=7)
+    with pytest.raises(ValueError, match="single PRNG key"):
+        mj.adapt(
+            noisy_loss,
+            params,
+            task.support,
+            steps=1,
+            lr=0.1,
+            key=jax.random.split(jax.random.key(0)),
+        )
+    with pytest.raises(TypeError, match="unroll must be a bool"):
+        mj.adapt(mse_loss, params, task.support, steps=1, lr=0.1, unroll=2)

@@ -193,10 +193,18 @@ def test_remat_and_scan_equal_unrolled(variant, steps):
     other, _ = mj.maml(mse_loss, inner_steps=steps, inner_lr=lr, **variant).meta_grad(params, tasks)
     assert rel_error(other, base) < 1e-5
     one = take_task(tasks, 0)
-    want = mj.adapt_trace(mse_loss, params, one.support, steps=steps, lr=lr,
-                          trace_fn=lambda p: mse_loss(p, one.query))[1]
-    got = mj.adapt_trace(mse_loss, params, one.support, steps=steps, lr=lr, **variant,
-                         trace_fn=lambda p: mse_loss(p, one.query))[1]
+    want = mj.adapt_trace(
+        mse_loss, params, one.support, steps=steps, lr=lr, trace_fn=lambda p: mse_loss(p, one.query)
+    )[1]
+    got = mj.adapt_trace(
+        mse_loss,
+        params,
+        one.support,
+        steps=steps,
+        lr=lr,
+        **variant,
+        trace_fn=lambda p: mse_loss(p, one.query),
+    )[1]
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -251,7 +259,9 @@ def test_unroll_tasks_leaves_no_while_loop():
     params = mlp_init(jax.random.key(23))
     tasks = sine_tasks(jax.random.key(24))
     for unroll, loops in ((False, True), (True, False)):
-        algo = mj.maml(mse_loss, inner_steps=2, inner_lr=ALPHA, task_batch=1, unroll_tasks=unroll)
+        algo = mj.maml(
+            mse_loss, inner_steps=2, inner_lr=ALPHA, task_batch=1, unroll_tasks=unroll, unroll=True
+        )
         hlo = jax.jit(algo.meta_grad).lower(params, tasks).as_text()
         assert ("stablehlo.while" in hlo) == loops
 

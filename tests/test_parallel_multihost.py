@@ -27,16 +27,39 @@ def _free_port():
 
 def _launch(workdir, sets, heartbeat=10):
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               METAJAX_CACHE_DIR=jax.config.jax_compilation_cache_dir or "none")
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        METAJAX_CACHE_DIR=jax.config.jax_compilation_cache_dir or "none",
+    )
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "metajax.run.cli", "train", "sinusoid:tiny", "--workdir",
-             str(workdir), "--no-progress", "--coordinator", f"127.0.0.1:{port}",
-             "--num-processes", "2", "--process-id", str(i),
-             "--heartbeat-timeout", str(heartbeat), "--set", *sets],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "metajax.run.cli",
+                "train",
+                "sinusoid:tiny",
+                "--workdir",
+                str(workdir),
+                "--no-progress",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--heartbeat-timeout",
+                str(heartbeat),
+                "--set",
+                *sets,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for i in range(2)
     ]
 
@@ -49,8 +72,9 @@ def test_two_processes_equal_one(tmp_path):
 
     # One process, same global meta-batch (8 tasks) over 4 of this process's 8 fake devices.
     config = load_config("sinusoid:tiny", [*SETS, "train.devices=4"])
-    single = jax.device_get(runner.train(config, tmp_path / "one", progress=False,
-                                         echo=lambda *_: None))
+    single = jax.device_get(
+        runner.train(config, tmp_path / "one", progress=False, echo=lambda *_: None)
+    )
     exp = experiment.build(config)
     two = Checkpointer(tmp_path / "two" / "checkpoints")
     assert two.latest_step() == 3
@@ -58,16 +82,20 @@ def test_two_processes_equal_one(tmp_path):
     assert int(restored.step) == 3
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), single.meta_params, exp.params)
     assert max(jax.tree.leaves(moved)) > 1e-3  # training changed the parameters
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 restored, single)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), restored, single
+    )
     # Only process 0 wrote the log; it saw the global metrics.
     log = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(log) == 3
 
 
 def test_dead_process_stops_the_other(tmp_path):
-    procs = _launch(tmp_path / "run", ["train.steps=1000000", "train.log_every=1",
-                                       "train.checkpoint_every=1000000"], heartbeat=5)
+    procs = _launch(
+        tmp_path / "run",
+        ["train.steps=1000000", "train.log_every=1", "train.checkpoint_every=1000000"],
+        heartbeat=5,
+    )
     log = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while (not log.exists() or not log.read_text()) and time.monotonic() < deadline:

@@ -49,8 +49,9 @@ def test_sharded_and_pmap_equal_single_device(name):
     for mode in ("sharding", "pmap"):
         state, metrics = _run(algo, sgd, tasks, mode)
         grad = jax.tree.map(lambda a, b: a - b, init, state.meta_params)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                     grad, ref_grad)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad, ref_grad
+        )
         assert int(state.step) == 1
         for key in ref_metrics:
             np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
@@ -61,8 +62,9 @@ def test_sharded_and_pmap_equal_single_device(name):
     ref, _ = _run(algo, adam, tasks, "single")
     for mode in ("sharding", "pmap"):
         state, _ = _run(algo, adam, tasks, mode)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                     state, ref)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state, ref
+        )
 
 
 def test_sharded_step_is_mean_over_tasks():
@@ -75,8 +77,9 @@ def test_sharded_step_is_mean_over_tasks():
     expected = jax.tree.map(lambda a, b: (a + b) / 2, *[meta_grad(params, h)[0] for h in halves])
     state, _ = _run(algo, optax.sgd(1.0), tasks, "sharding")
     grad = jax.tree.map(lambda a, b: a - b, params, state.meta_params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 grad, expected)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad, expected
+    )
 
 
 def test_sharded_outputs_replicated_and_state_donated():
@@ -104,9 +107,13 @@ def test_explicit_mesh_also_works():
     mesh = jax.make_mesh((8,), ("tasks",))  # Explicit axis type, JAX's default
     state = train_state(algo, mlp_init(jax.random.key(0)), optax.sgd(1.0))
     state, _ = make_train_step(algo, optax.sgd(1.0), mesh=mesh)(
-        state, parallel.shard_tasks(tasks, mesh))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 jax.device_get(state), ref)
+        state, parallel.shard_tasks(tasks, mesh)
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        jax.device_get(state),
+        ref,
+    )
 
 
 @pytest.mark.parametrize("mode", ["sharding", "pmap"])
@@ -137,18 +144,21 @@ def test_evaluate_step_zero_is_unadapted_loss(vmap_tasks):
     algo = ALGOS["maml"]()
     params = mlp_init(jax.random.key(0))
     source = Sinusoid(shots=5, queries=7, split="test")
-    per_task = evaluate(algo, params, source, mse_loss, num_tasks=10, steps=3, chunk=4,
-                        vmap_tasks=vmap_tasks)
+    per_task = evaluate(
+        algo, params, source, mse_loss, num_tasks=10, steps=3, chunk=4, vmap_tasks=vmap_tasks
+    )
     assert per_task["loss"].shape == (10, 4)
     tasks = source.sample(0, 10)
     direct = jax.jit(jax.vmap(mse_loss, in_axes=(None, 0)))(params, tasks.query)
     np.testing.assert_allclose(per_task["loss"][:, 0], direct, rtol=1e-5)
     one = jax.jit(jax.vmap(lambda t: mse_loss(algo.adapt(params, t.support, steps=1), t.query)))(
-        tasks)
+        tasks
+    )
     np.testing.assert_allclose(per_task["loss"][:, 1], one, rtol=1e-5)
     summary = summarize(per_task)
     values = np.asarray(per_task["loss"][:, 3], np.float64)
     np.testing.assert_allclose(summary["loss"]["mean"][3], values.mean(), rtol=1e-6)
-    np.testing.assert_allclose(summary["loss"]["ci95"][3],
-                               1.96 * values.std(ddof=1) / np.sqrt(10), rtol=1e-6)
+    np.testing.assert_allclose(
+        summary["loss"]["ci95"][3], 1.96 * values.std(ddof=1) / np.sqrt(10), rtol=1e-6
+    )
     assert jnp.isfinite(jnp.asarray(summary["loss"]["mean"])).all()

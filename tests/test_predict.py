@@ -39,8 +39,9 @@ def test_adapt_and_predict_equals_adapting_by_hand(sinusoid_run):
         np.testing.assert_allclose(got, apply(adapted, xq), rtol=1e-5, atol=1e-6)
         assert got.shape == (7, 1)
     # Zero steps is the meta-learned model itself; adapting changes the fit toward the support.
-    np.testing.assert_allclose(model.adapt_and_predict(x, y, xq, steps=0),
-                               apply(model.meta_params, xq), rtol=1e-6)
+    np.testing.assert_allclose(
+        model.adapt_and_predict(x, y, xq, steps=0), apply(model.meta_params, xq), rtol=1e-6
+    )
 
     def support_mse(steps):
         return float(np.mean((model.adapt_and_predict(x, y, x, steps=steps) - y) ** 2))

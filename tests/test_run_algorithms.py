@@ -12,14 +12,30 @@ import pytest
 from metajax.run import cli, predict
 from metajax.run.build import ALGORITHMS
 
-BASE = ["--no-progress", "--set", "train.steps=6", "train.log_every=1", "train.checkpoint_every=3",
-        "eval.num_tasks=8", "eval.chunk=8"]
+BASE = [
+    "--no-progress",
+    "--set",
+    "train.steps=6",
+    "train.log_every=1",
+    "train.checkpoint_every=3",
+    "eval.num_tasks=8",
+    "eval.chunk=8",
+]
 
 
 def _train(tmp_path, name, *sets):
     workdir = tmp_path / name
-    code = cli.main(["train", "sinusoid:tiny", "--workdir", str(workdir), *BASE,
-                     f"algorithm.name={name}", *sets])
+    code = cli.main(
+        [
+            "train",
+            "sinusoid:tiny",
+            "--workdir",
+            str(workdir),
+            *BASE,
+            f"algorithm.name={name}",
+            *sets,
+        ]
+    )
     return code, workdir
 
 
@@ -42,8 +58,13 @@ def test_every_gradient_algorithm_trains_and_evaluates(tmp_path, name):
 
 
 def test_mamlpp_anneals_its_weights_and_switches_order(tmp_path):
-    code, workdir = _train(tmp_path, "mamlpp", "algorithm.inner_steps=2",
-                           "algorithm.anneal_iters=4", "algorithm.first_order_until=3")
+    code, workdir = _train(
+        tmp_path,
+        "mamlpp",
+        "algorithm.inner_steps=2",
+        "algorithm.anneal_iters=4",
+        "algorithm.first_order_until=3",
+    )
     assert code == 0
     rows = _rows(workdir)
     weights = [r["msl_last_weight"] for r in rows]
@@ -106,8 +127,18 @@ OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 def test_learned_rate_algorithms_train_on_omniglot(tmp_path, name):
     # Their meta-parameters are more than the ConvNet's: evaluation and plots must cope.
     workdir = tmp_path / name
-    code = cli.main(["train", "omniglot:tiny", "--workdir", str(workdir), "--no-progress",
-                     "--set", f"algorithm.name={name}", f"task.zip_dir={OMNIGLOT}"])
+    code = cli.main(
+        [
+            "train",
+            "omniglot:tiny",
+            "--workdir",
+            str(workdir),
+            "--no-progress",
+            "--set",
+            f"algorithm.name={name}",
+            f"task.zip_dir={OMNIGLOT}",
+        ]
+    )
     assert code == 0
     result = json.loads((workdir / "eval.json").read_text())
     accuracy = result["metrics"]["accuracy"]["mean"]

@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from metajax.models import load_gpt2
@@ -127,3 +129,20 @@ def test_checkpoint_folder_without_weights_names_the_file(tmp_path):
     shutil.copy(FIXTURE / "config.json", folder)
     with pytest.raises(ConfigError, match="no model.safetensors"):
         words_gpt2.checkpoint_folder(str(folder))
+
+
+def test_freeze_base_trains_the_layer_norms_too_for_lora_plus_norm():
+    setup = words_gpt2.build(load_config("words_gpt2:tiny", ["task.adapt=lora+norm"]))
+    meta = setup.params
+    tx = setup.wrap_optimizer(optax.sgd(1.0))
+    grads = jax.tree.map(jnp.ones_like, meta)
+    updates, _ = tx.update(grads, tx.init(meta), meta)
+    base = updates["base"]["params"]
+    assert np.all(np.asarray(base["h_0"]["ln_1"]["scale"]) == -1.0)
+    assert np.all(np.asarray(base["ln_f"]["bias"]) == -1.0)
+    assert not np.asarray(base["h_0"]["attn"]["c_attn"]["kernel"]).any()
+    assert not np.asarray(base["wte"]["embedding"]).any()
+    assert np.all(np.asarray(updates["lora"]["params"]["h_1"]["mlp"]["c_fc"]["kernel"]["b"]) == -1)
+    # The inner loop adapts the same leaves: the factors and the LayerNorms.
+    assert setup.inner_mask["base"]["params"]["h_1"]["ln_2"]["bias"] is True
+    assert setup.inner_mask["base"]["params"]["h_1"]["mlp"]["c_fc"]["kernel"] is False

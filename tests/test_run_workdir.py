@@ -12,8 +12,14 @@ from metajax.run import cli, predict
 from metajax.run.checkpoint import Checkpointer
 from metajax.run.workdir import history
 
-RUN = ["--no-progress", "--set", "train.log_every=2", "train.checkpoint_every=2",
-       "eval.num_tasks=8", "eval.chunk=8"]
+RUN = [
+    "--no-progress",
+    "--set",
+    "train.log_every=2",
+    "train.checkpoint_every=2",
+    "eval.num_tasks=8",
+    "eval.chunk=8",
+]
 
 
 def _train(workdir, *sets, extra=()):
@@ -32,8 +38,16 @@ def test_resume_refuses_changes_unless_allowed_and_records_them(tmp_path, capsys
     assert "optimizer.lr 0.01 -> 0.002" in err and "--allow-changes" in err
     assert len(history(workdir)) == 1  # refused before anything was written
     # More steps alone is a plain resume; with --allow-changes the rate change is recorded.
-    assert _train(workdir, "train.steps=6", "optimizer.lr=0.002", "eval.after_train=false",
-                  extra=["--allow-changes"]) == 0
+    assert (
+        _train(
+            workdir,
+            "train.steps=6",
+            "optimizer.lr=0.002",
+            "eval.after_train=false",
+            extra=["--allow-changes"],
+        )
+        == 0
+    )
     starts = history(workdir)
     assert [s["start_step"] for s in starts] == [0, 4]
     assert starts[1]["changes"] == ["optimizer.lr", "train.steps"]
@@ -63,8 +77,19 @@ def test_eval_reads_the_workdir_config(tmp_path, capsys):
     assert "holds a 'sinusoid_tiny' run, not 'sinusoid_fomaml'" in capsys.readouterr().err
     assert cli.main(["eval", "--workdir", str(workdir), "--set", "task.shots=10"]) == 2
     assert "--set task.shots: evaluation can change only" in capsys.readouterr().err
-    assert cli.main(["eval", "--workdir", str(workdir), "--set", "algorithm.inner_lr=0.02",
-                     "eval.after_train=true"]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--workdir",
+                str(workdir),
+                "--set",
+                "algorithm.inner_lr=0.02",
+                "eval.after_train=true",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -73,7 +98,9 @@ def test_eval_reads_the_workdir_config(tmp_path, capsys):
         (["algorithm.inner_lr=-0.4"], "algorithm.inner_lr=-0.4 must be > 0"),
         (["task.shots=0"], "task.shots=0 must be >= 1"),
         (["algorithm.inner_steps=-1"], "algorithm.inner_steps=-1 must be >= 1"),
-        (["train.devices=64"], "train.devices=64, but only 8 device(s)"),
+        (["train.devices=64"], "train.devices asks for 64 devices, but only 8 device(s)"),
+        (["train.mesh=(4, 4)"], "train.mesh asks for 16 devices"),
+        (["train.mesh=(2, 4)", "train.parallel=pmap"], "use train.parallel=sharding"),
         (["train.meta_batch=12"], "12 tasks does not divide over 8 devices"),
         (["algorithm.inner_optimizer=adamm"], "is not an optax optimizer"),
         (["algorithm.name=mamll"], "did you mean maml"),
@@ -92,16 +119,25 @@ def test_workdir_that_is_a_file_and_missing_omniglot_folder(tmp_path, capsys):
     path.write_text("x")
     assert _train(path) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
-    code = cli.main(["train", "omniglot:tiny", "--workdir", str(tmp_path / "o"), "--set",
-                     f"task.zip_dir={tmp_path / 'nowhere'}"])
+    code = cli.main(
+        [
+            "train",
+            "omniglot:tiny",
+            "--workdir",
+            str(tmp_path / "o"),
+            "--set",
+            f"task.zip_dir={tmp_path / 'nowhere'}",
+        ]
+    )
     assert code == 2
     assert "holds none of the official zips" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
 def test_set_before_the_config_name_and_none_for_optional_keys(tmp_path, capsys):
-    code = cli.main(["show", "--set", "algorithm.task_batch=none", "train.steps=7",
-                     "sinusoid:tiny"])
+    code = cli.main(
+        ["show", "--set", "algorithm.task_batch=none", "train.steps=7", "sinusoid:tiny"]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "algorithm.task_batch: int | None = none" in out and "train.steps: int = 7" in out
@@ -147,3 +183,12 @@ def test_adapt_and_predict_takes_a_flat_sinusoid_array(tmp_path):
     np.testing.assert_allclose(flat, column, rtol=1e-6)
     with pytest.raises(ValueError, match="5 support inputs but 4 targets"):
         model.adapt_and_predict(x, np.sin(x)[:4], x)
+
+
+def test_a_model_mesh_trains_like_one_device_and_resumes(tmp_path):
+    a, b = tmp_path / "mesh", tmp_path / "flat"
+    assert _train(a, "train.steps=2", "train.mesh=(2, 4)", "eval.after_train=false") == 0
+    assert _train(a, "train.steps=4", "train.mesh=(2, 4)", "eval.after_train=false") == 0
+    assert _train(b, "train.steps=4", "train.devices=1", "eval.after_train=false") == 0
+    pa, pb = predict.load(a).meta_params, predict.load(b).meta_params
+    chex.assert_trees_all_close(pa, pb, rtol=1e-5, atol=1e-6)

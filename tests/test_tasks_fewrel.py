@@ -313,3 +313,27 @@ def test_family_builds_from_files_and_names_bad_settings(tmp_path):
         cfg = Config(name="t", family="fewrel", task=dataclasses.replace(task, **{key: value}))
         with pytest.raises(ConfigError, match=messages[key]):
             fam.build(cfg)
+
+
+def test_word_vocab_does_not_depend_on_the_test_files(tmp_path):
+    # Cross-domain: the train file's relation P2 also occurs in one test file; the vocabulary
+    # (of the train file minus validation) is the same whichever test file is evaluated.
+    train = write(
+        tmp_path / "tr.json",
+        {
+            r: [sentence([r, "alpha", "x"], [0], [2])] * 8
+            for r in ("P1", "P2", "P3", "P8", "P9", "P10")
+        },
+    )
+    test_a = write(tmp_path / "a.json", {"P2": [sentence(["P2", "beta", "x"], [0], [2])] * 8})
+    test_b = write(tmp_path / "b.json", {"P7": [sentence(["P7", "gamma", "x"], [0], [2])] * 8})
+    vocabs = [
+        F.build_vocab(F.protocol_splits("cross_domain", (train,), (train,), (t,), num_val=1), 50)
+        for t in (test_a, test_b)
+    ]
+    assert vocabs[0] == vocabs[1] and "p2" in vocabs[0] and "beta" not in vocabs[0]
+    # In-domain: held-out relations of the same file never reach the vocabulary.
+    splits = F.protocol_splits("in_domain", (train,), num_val=1, num_test=2)
+    vocab = F.build_vocab(splits, 50)
+    held_out = {r.lower() for r in splits.val_relations + splits.test_relations}
+    assert held_out and not held_out & set(vocab)

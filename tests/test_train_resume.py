@@ -17,9 +17,17 @@ from metajax.run.config_files import load_config
 from metajax.train import train_state
 
 STEPS = 200
-ARGS = ["train", "sinusoid:tiny", "--no-progress", "--set", f"train.steps={STEPS}",
-        "train.checkpoint_every=20", "train.log_every=20", "train.keep_checkpoints=2",
-        "eval.after_train=false"]
+ARGS = [
+    "train",
+    "sinusoid:tiny",
+    "--no-progress",
+    "--set",
+    f"train.steps={STEPS}",
+    "train.checkpoint_every=20",
+    "train.log_every=20",
+    "train.keep_checkpoints=2",
+    "eval.after_train=false",
+]
 
 
 def _final_state(workdir):
@@ -33,18 +41,23 @@ def _committed_steps(workdir):
     directory = workdir / "checkpoints"
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.name.isdigit() and (p / "commit_success.txt").exists())
+    return sorted(
+        int(p.name)
+        for p in directory.iterdir()
+        if p.name.isdigit() and (p / "commit_success.txt").exists()
+    )
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, capsys):
     killed = tmp_path / "killed"
     # Same environment (8 fake devices, compilation cache) as this process, so same programs.
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               METAJAX_CACHE_DIR=jax.config.jax_compilation_cache_dir or "none")
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        METAJAX_CACHE_DIR=jax.config.jax_compilation_cache_dir or "none",
+    )
     command = [sys.executable, "-m", "metajax.run.cli", *ARGS, "--workdir", str(killed)]
-    proc = subprocess.Popen(command,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not _committed_steps(killed) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

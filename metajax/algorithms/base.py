@@ -102,10 +102,11 @@ def make_meta_learner(
             grads, metrics = grad_of_mean_loss(task_loss, meta_params, tasks, step=step, key=key)
         else:
             per_task = lambda task, k: task_grad(meta_params, task, step=step, key=k)
-            grads, metrics = mean_over_tasks(per_task, tasks, key=key, task_batch=task_batch,
-                                             unroll_tasks=unroll_tasks)
+            grads, metrics = mean_over_tasks(
+                per_task, tasks, key=key, task_batch=task_batch, unroll_tasks=unroll_tasks
+            )
         # Trace time, free under jit: an outer optax step needs grads shaped like meta_params.
-        chex.assert_trees_all_equal_shapes_and_dtypes(grads, meta_params)
+        chex.assert_trees_all_equal_shapes(grads, jax.tree.map(jnp.asarray, meta_params))
         return grads, metrics
 
     return MetaLearner(init, meta_grad, adapt, adapt_trace, task_grad)
@@ -216,8 +217,10 @@ def _mean_axis0(tree: PyTree) -> PyTree:
 
 def check_unroll_tasks(task_batch: int | None, unroll_tasks: bool) -> None:
     if unroll_tasks and task_batch is None:
-        raise ValueError("unroll_tasks=True unrolls the loop over task groups: it needs a "
-                         "task_batch (e.g. task_batch=1).")
+        raise ValueError(
+            "unroll_tasks=True unrolls the loop over task groups: it needs a "
+            "task_batch (e.g. task_batch=1)."
+        )
 
 
 def grad_of_mean_loss(task_loss, meta_params, tasks, *, step=None, key=None):
@@ -313,7 +316,8 @@ def learned_rate_optimizer(
         del params
 
         def scale(r, u):
-            r = r[count] if jnp.ndim(r) == jnp.ndim(u) + 1 else r
+            r = jnp.asarray(r)  # host (numpy) rates cannot be indexed by a traced count
+            r = r[count] if r.ndim == jnp.ndim(u) + 1 else r
             return (r * u).astype(u.dtype)
 
         return jax.tree.map(scale, rates, updates), count + 1
@@ -341,8 +345,15 @@ def fixed_inner_loop(loss_fn: LossFn, inner_steps: int, **adapt_kwargs):
 
     def _adapt_trace(params, support, trace_fn=None, *, steps=None, key=None):
         steps = inner_steps if steps is None else steps
-        return adapt_trace(loss_fn, params, support, steps=steps, trace_fn=trace_fn,
-                           **key_kwarg(key), **adapt_kwargs)
+        return adapt_trace(
+            loss_fn,
+            params,
+            support,
+            steps=steps,
+            trace_fn=trace_fn,
+            **key_kwarg(key),
+            **adapt_kwargs,
+        )
 
     def _adapt(params, support, *, steps=None, key=None):
         return _adapt_trace(params, support, steps=steps, key=key)[0]

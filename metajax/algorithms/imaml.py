@@ -117,8 +117,9 @@ def imaml(
         del step
         inner_key, query_key = split_task_key(key)
         phi = _adapt(params, task.support, key=inner_key)
-        loss, g_query = jax.value_and_grad(
-            lambda p: call_loss(loss_fn, p, task.query, query_key))(phi)
+        loss, g_query = jax.value_and_grad(lambda p: call_loss(loss_fn, p, task.query, query_key))(
+            phi
+        )
         support_grad = jax.grad(lambda p: call_loss(loss_fn, p, task.support, inner_key))
         _, hvp = jax.linearize(support_grad, phi)
 
@@ -127,12 +128,19 @@ def imaml(
 
         v, _ = jax.scipy.sparse.linalg.cg(matvec, g_query, tol=cg_tol, maxiter=cg_steps)
         residual = jax.tree.map(jnp.subtract, g_query, matvec(v))
-        metrics = query_metrics(loss_fn, metric_fn, params, phi, task.query, monitor=monitor,
-                                loss_after=loss)
+        metrics = query_metrics(
+            loss_fn, metric_fn, params, phi, task.query, monitor=monitor, loss_after=loss
+        )
         g_sq = _tree_vdot(g_query, g_query)
         tiny = jnp.finfo(g_sq.dtype).tiny  # a zero query gradient is solved exactly
         metrics["cg_residual"] = jnp.sqrt(_tree_vdot(residual, residual) / jnp.maximum(g_sq, tiny))
         return v, metrics
 
-    return make_meta_learner(lambda params: params, task_grad, _adapt, _adapt_trace,
-                             task_batch=task_batch, unroll_tasks=unroll_tasks)
+    return make_meta_learner(
+        lambda params: params,
+        task_grad,
+        _adapt,
+        _adapt_trace,
+        task_batch=task_batch,
+        unroll_tasks=unroll_tasks,
+    )

@@ -75,8 +75,9 @@ def maml(
     """
     inner_steps = check_positive_int("inner_steps", inner_steps)
     check_inner_rule(inner_lr, inner_optimizer)
-    rule = dict(lr=inner_lr, optimizer=inner_optimizer, first_order=first_order, remat=remat,
-                mask=mask)
+    rule = dict(
+        lr=inner_lr, optimizer=inner_optimizer, first_order=first_order, remat=remat, mask=mask
+    )
     if unroll is not None:
         rule["unroll"] = unroll
     _adapt, _adapt_trace = fixed_inner_loop(loss_fn, inner_steps, **rule)
@@ -86,20 +87,34 @@ def maml(
         inner_key, query_key = split_task_key(key)
         adapted = _adapt(params, task.support, key=inner_key)
         loss = call_loss(loss_fn, adapted, task.query, query_key)
-        return loss, query_metrics(loss_fn, metric_fn, params, adapted, task.query,
-                                   monitor=monitor, loss_after=loss)
+        return loss, query_metrics(
+            loss_fn, metric_fn, params, adapted, task.query, monitor=monitor, loss_after=loss
+        )
 
     def first_order_task_grad(params, task, *, step=None, key=None):
         del step
         inner_key, query_key = split_task_key(key)
         adapted = jax.lax.stop_gradient(_adapt(params, task.support, key=inner_key))
         loss, grads = value_and_grad_of_loss(loss_fn, adapted, task.query, query_key)
-        return grads, query_metrics(loss_fn, metric_fn, params, adapted, task.query,
-                                    monitor=monitor, loss_after=loss)
+        return grads, query_metrics(
+            loss_fn, metric_fn, params, adapted, task.query, monitor=monitor, loss_after=loss
+        )
 
     if first_order:
-        return make_meta_learner(lambda p: p, first_order_task_grad, _adapt, _adapt_trace,
-                                 task_batch=task_batch, unroll_tasks=unroll_tasks)
-    return make_meta_learner(lambda p: p, grad_of_task_loss(task_loss), _adapt, _adapt_trace,
-                             task_loss=task_loss, task_batch=task_batch,
-                             unroll_tasks=unroll_tasks)
+        return make_meta_learner(
+            lambda p: p,
+            first_order_task_grad,
+            _adapt,
+            _adapt_trace,
+            task_batch=task_batch,
+            unroll_tasks=unroll_tasks,
+        )
+    return make_meta_learner(
+        lambda p: p,
+        grad_of_task_loss(task_loss),
+        _adapt,
+        _adapt_trace,
+        task_loss=task_loss,
+        task_batch=task_batch,
+        unroll_tasks=unroll_tasks,
+    )

@@ -147,7 +147,8 @@ def mamlpp(
             if steps > inner_steps:  # a longer evaluation: repeat the last step's rates
                 extra = steps - inner_steps
                 rates = jax.tree.map(
-                    lambda r: jnp.concatenate([r, jnp.repeat(r[-1:], extra, axis=0)]), rates)
+                    lambda r: jnp.concatenate([r, jnp.repeat(r[-1:], extra, axis=0)]), rates
+                )
             rule = dict(optimizer=learned_rate_optimizer(rates, inner_optimizer))
         else:
             rule = dict(lr=inner_lr, optimizer=inner_optimizer)
@@ -173,8 +174,10 @@ def mamlpp(
 
     def checked_step(step):
         if needs_step and step is None:
-            raise ValueError("mamlpp with multi_step_loss or first_order_until needs step= (the "
-                             "outer step) in meta_grad / task_grad; make_train_step passes it.")
+            raise ValueError(
+                "mamlpp with multi_step_loss or first_order_until needs step= (the "
+                "outer step) in meta_grad / task_grad; make_train_step passes it."
+            )
         return jnp.zeros((), jnp.int32) if step is None else step
 
     def task_loss_with(order_is_first):
@@ -189,8 +192,9 @@ def mamlpp(
                         f"msl_weights gave shape {jnp.shape(weights)}, expected ({inner_steps},)."
                     )
                 trace_fn = lambda p: loss_fn(p, task.query)
-                adapted, losses = run(meta_params, task.support, trace_fn, None, order_is_first,
-                                      inner_key)
+                adapted, losses = run(
+                    meta_params, task.support, trace_fn, None, order_is_first, inner_key
+                )
                 loss = jnp.sum(weights * losses[1:])  # losses[0] is before any step.
                 extra["msl_last_weight"] = weights[-1]
             else:
@@ -198,15 +202,17 @@ def mamlpp(
                 loss = call_loss(loss_fn, adapted, task.query, query_key)
             if first_order_until > 0:
                 extra["second_order"] = jnp.asarray(0.0 if order_is_first else 1.0)
-            metrics = query_metrics(loss_fn, metric_fn, meta_params["params"], adapted,
-                                    task.query, monitor=monitor)
+            metrics = query_metrics(
+                loss_fn, metric_fn, meta_params["params"], adapted, task.query, monitor=monitor
+            )
             return loss, {**metrics, **extra}
 
         return task_loss
 
     def grads_with(order_is_first, meta_params, tasks, step, key):
-        return grad_of_mean_loss(task_loss_with(order_is_first), meta_params, tasks, step=step,
-                                 key=key)
+        return grad_of_mean_loss(
+            task_loss_with(order_is_first), meta_params, tasks, step=step, key=key
+        )
 
     def task_grad(meta_params, task, *, step=None, key=None):
         batched = jax.tree.map(lambda x: x[None], task)
@@ -223,8 +229,9 @@ def mamlpp(
             )
         return grads_with(first_order, meta_params, tasks, step, key)
 
-    learner = make_meta_learner(init, task_grad, _adapt, _adapt_trace, task_batch=task_batch,
-                                unroll_tasks=unroll_tasks)
+    learner = make_meta_learner(
+        init, task_grad, _adapt, _adapt_trace, task_batch=task_batch, unroll_tasks=unroll_tasks
+    )
     if task_batch is not None:
         return learner
 

@@ -107,9 +107,22 @@ def meta_sgd(
         inner_key, query_key = split_task_key(key)
         adapted = _adapt(meta_params, task.support, key=inner_key)
         loss = call_loss(loss_fn, adapted, task.query, query_key)
-        return loss, query_metrics(loss_fn, metric_fn, meta_params["params"], adapted,
-                                   task.query, monitor=monitor, loss_after=loss)
+        return loss, query_metrics(
+            loss_fn,
+            metric_fn,
+            meta_params["params"],
+            adapted,
+            task.query,
+            monitor=monitor,
+            loss_after=loss,
+        )
 
-    return make_meta_learner(init, grad_of_task_loss(task_loss), _adapt, _adapt_trace,
-                             task_loss=task_loss, task_batch=task_batch,
-                             unroll_tasks=unroll_tasks)
+    return make_meta_learner(
+        init,
+        grad_of_task_loss(task_loss),
+        _adapt,
+        _adapt_trace,
+        task_loss=task_loss,
+        task_batch=task_batch,
+        unroll_tasks=unroll_tasks,
+    )

@@ -80,8 +80,12 @@ def pretrain(
         loss = call_loss(loss_fn, params, pool_examples(task.support, task.query), pooled_key)
         # Fine-tuning is monitored only: it shows the curve a meta-learner would be judged on.
         adapted = jax.lax.stop_gradient(_adapt(params, task.support, key=inner_key))
-        return loss, query_metrics(loss_fn, metric_fn, params, adapted, task.query,
-                                   monitor=monitor)
+        return loss, query_metrics(loss_fn, metric_fn, params, adapted, task.query, monitor=monitor)
 
-    return make_meta_learner(lambda params: params, grad_of_task_loss(task_loss), _adapt,
-                             _adapt_trace, task_loss=task_loss)
+    return make_meta_learner(
+        lambda params: params,
+        grad_of_task_loss(task_loss),
+        _adapt,
+        _adapt_trace,
+        task_loss=task_loss,
+    )

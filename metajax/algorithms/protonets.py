@@ -129,5 +129,10 @@ def protonets(
             metrics.update({f"{k}_after": v for k, v in extra.items()})
         return loss, metrics
 
-    return make_meta_learner(lambda params: params, grad_of_task_loss(task_loss), _adapt,
-                             _adapt_trace, task_loss=task_loss)
+    return make_meta_learner(
+        lambda params: params,
+        grad_of_task_loss(task_loss),
+        _adapt,
+        _adapt_trace,
+        task_loss=task_loss,
+    )

@@ -71,7 +71,8 @@ def reptile(
         rule["unroll"] = unroll
     _adapt, _adapt_trace = fixed_inner_loop(loss_fn, inner_steps, **rule)
     _train_adapt, _ = fixed_inner_loop(
-        loss_fn, inner_steps, support_per_step=inner_batch is not None, **rule)
+        loss_fn, inner_steps, support_per_step=inner_batch is not None, **rule
+    )
 
     def task_grad(params, task, *, step=None, key=None):
         del step
@@ -80,11 +81,18 @@ def reptile(
             support = support_minibatches(support, inner_batch, inner_steps)
         adapted = jax.lax.stop_gradient(_train_adapt(params, support, key=key))
         pseudo_grad = jax.tree.map(lambda p, a: jax.lax.stop_gradient(p) - a, params, adapted)
-        return pseudo_grad, query_metrics(loss_fn, metric_fn, params, adapted, task.query,
-                                          monitor=monitor)
+        return pseudo_grad, query_metrics(
+            loss_fn, metric_fn, params, adapted, task.query, monitor=monitor
+        )
 
-    return make_meta_learner(lambda params: params, task_grad, _adapt, _adapt_trace,
-                             task_batch=task_batch, unroll_tasks=unroll_tasks)
+    return make_meta_learner(
+        lambda params: params,
+        task_grad,
+        _adapt,
+        _adapt_trace,
+        task_batch=task_batch,
+        unroll_tasks=unroll_tasks,
+    )
 
 
 def support_minibatches(support, batch_size: int, steps: int):
@@ -100,8 +108,10 @@ def support_minibatches(support, batch_size: int, steps: int):
         raise ValueError(f"support leaves disagree on the number of examples: {sorted(sizes)}.")
     (n,) = sizes
     if n % batch_size:
-        raise ValueError(f"inner_batch={batch_size} does not divide the {n} support examples "
-                         "of a meta-training task.")
+        raise ValueError(
+            f"inner_batch={batch_size} does not divide the {n} support examples "
+            "of a meta-training task."
+        )
     num_batches = n // batch_size
     order = np.arange(steps) % num_batches
 

@@ -82,8 +82,10 @@ def build(config: Config) -> Experiment:
     """
     family = families.load(config.family)
     if not isinstance(config.task, family.TaskConfig):
-        raise ConfigError(f"config.task is a {type(config.task).__name__}; family "
-                          f"{config.family!r} takes {family.TaskConfig.__name__}.")
+        raise ConfigError(
+            f"config.task is a {type(config.task).__name__}; family "
+            f"{config.family!r} takes {family.TaskConfig.__name__}."
+        )
     try:
         setup = family.build(config)
     except (ValueError, TypeError) as e:  # a source or model refusing the task's values
@@ -92,20 +94,29 @@ def build(config: Config) -> Experiment:
         raise ConfigError(f"task: {e}") from None
     spec = _spec(config.algorithm.name)
     loss_fn, metric_fn, params, predict_fn = (
-        setup.loss_fn, setup.metric_fn, setup.params, setup.predict_fn)
+        setup.loss_fn,
+        setup.metric_fn,
+        setup.params,
+        setup.predict_fn,
+    )
     extra = {}
     if spec.metric_based:
         if setup.embedding is None:
-            raise ConfigError(f"algorithm {config.algorithm.name!r} classifies by distances "
-                              f"between embeddings; family {config.family!r} is not a "
-                              "classification family with an embedding.")
+            raise ConfigError(
+                f"algorithm {config.algorithm.name!r} classifies by distances "
+                f"between embeddings; family {config.family!r} is not a "
+                "classification family with an embedding."
+            )
         embedding = setup.embedding
 
         def predict_fn(adapted, x):
             return protonet_logits(embedding.apply_fn, adapted, x)
 
         params, loss_fn, metric_fn = (
-            embedding.params, classification_loss(predict_fn), accuracy_metric(predict_fn))
+            embedding.params,
+            classification_loss(predict_fn),
+            accuracy_metric(predict_fn),
+        )
         extra = {"ways": embedding.ways}
     algo = make_algorithm(config.algorithm, setup, extra)
     optimizer = make_optimizer(config.optimizer, config.train.steps)
@@ -116,8 +127,10 @@ def build(config: Config) -> Experiment:
 
 def _spec(name: str) -> AlgorithmSpec:
     if name not in ALGORITHMS:
-        raise ConfigError(f"algorithm.name={name!r}: unknown{suggest(name, ALGORITHMS)}; "
-                          f"choose one of {', '.join(ALGORITHMS)}.")
+        raise ConfigError(
+            f"algorithm.name={name!r}: unknown{suggest(name, ALGORITHMS)}; "
+            f"choose one of {', '.join(ALGORITHMS)}."
+        )
     return ALGORITHMS[name]
 
 
@@ -134,23 +147,28 @@ def make_algorithm(cfg: AlgorithmConfig, setup: Setup, extra: dict | None = None
         value = getattr(cfg, name)
         if name in spec.fixed:
             if value != getattr(defaults, name) and value != spec.fixed[name]:
-                raise ConfigError(f"algorithm.{name}={value!r}: {cfg.name} fixes "
-                                  f"{name}={spec.fixed[name]!r}.")
+                raise ConfigError(
+                    f"algorithm.{name}={value!r}: {cfg.name} fixes {name}={spec.fixed[name]!r}."
+                )
             kwargs[name] = spec.fixed[name]
         elif name in accepted:
             if name == "head" and value is None:
                 value = setup.head
                 if value is None:
-                    raise ConfigError("algorithm.head: family has no default head; set "
-                                      "algorithm.head to a regex of the parameter paths to adapt.")
+                    raise ConfigError(
+                        "algorithm.head: family has no default head; set "
+                        "algorithm.head to a regex of the parameter paths to adapt."
+                    )
             if value is not None or accepted[name].default is not inspect.Parameter.empty:
                 kwargs[name] = value
         elif value != getattr(defaults, name):
             raise ConfigError(f"algorithm.{name}={value!r}: {cfg.name} takes no {name!r}.")
     if cfg.inner_optimizer is not None or cfg.inner_optimizer_args:
         if "inner_optimizer" not in accepted:
-            raise ConfigError(f"algorithm.inner_optimizer={cfg.inner_optimizer!r}: {cfg.name} "
-                              "takes no inner optimizer.")
+            raise ConfigError(
+                f"algorithm.inner_optimizer={cfg.inner_optimizer!r}: {cfg.name} "
+                "takes no inner optimizer."
+            )
         kwargs.update(inner_rule(cfg))
     elif "inner_lr" not in accepted:
         kwargs.pop("inner_lr", None)
@@ -160,8 +178,10 @@ def make_algorithm(cfg: AlgorithmConfig, setup: Setup, extra: dict | None = None
         if "mask" in accepted:
             kwargs["mask"] = setup.inner_mask
         elif "head" not in accepted:
-            raise ConfigError(f"algorithm {cfg.name!r} cannot restrict its inner loop to part "
-                              "of the parameters, which this family's model asks for.")
+            raise ConfigError(
+                f"algorithm {cfg.name!r} cannot restrict its inner loop to part "
+                "of the parameters, which this family's model asks for."
+            )
     first = setup.embedding.apply_fn if spec.metric_based else setup.loss_fn
     try:
         return spec.fn(first, **kwargs)
@@ -173,20 +193,22 @@ def inner_rule(cfg: AlgorithmConfig) -> dict:
     """``inner_optimizer`` (optax at ``inner_lr``) as keywords; Adam-like ones get
     ``eps_root=1e-8`` unless set, since the derivative of ``sqrt(v)`` at 0 is infinite."""
     if cfg.inner_optimizer is None:
-        raise ConfigError("algorithm.inner_optimizer_args given without "
-                          "algorithm.inner_optimizer.")
+        raise ConfigError("algorithm.inner_optimizer_args given without algorithm.inner_optimizer.")
     fn = getattr(optax, cfg.inner_optimizer, None)
     if not callable(fn) or cfg.inner_optimizer.startswith("_"):
-        raise ConfigError(f"algorithm.inner_optimizer={cfg.inner_optimizer!r} is not an optax "
-                          f"optimizer{suggest(cfg.inner_optimizer, _optax_optimizers())}.")
+        raise ConfigError(
+            f"algorithm.inner_optimizer={cfg.inner_optimizer!r} is not an optax "
+            f"optimizer{suggest(cfg.inner_optimizer, _optax_optimizers())}."
+        )
     args = dict(cfg.inner_optimizer_args)
     if "eps_root" in inspect.signature(fn).parameters:
         args.setdefault("eps_root", 1e-8)
     try:
         opt = fn(cfg.inner_lr, **args)
     except TypeError as e:
-        raise ConfigError(f"algorithm.inner_optimizer_args={cfg.inner_optimizer_args!r}: "
-                          f"{e}") from None
+        raise ConfigError(
+            f"algorithm.inner_optimizer_args={cfg.inner_optimizer_args!r}: {e}"
+        ) from None
     return {"inner_lr": None, "inner_optimizer": opt}
 
 
@@ -198,8 +220,10 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int = 0) -> optax.Gradient
     """The outer optimizer; a ``linear`` or ``cosine`` schedule reaches 0 at ``total_steps``."""
     fn = getattr(optax, cfg.name, None)
     if not callable(fn) or cfg.name.startswith("_"):
-        raise ConfigError(f"optimizer.name={cfg.name!r} is not an optax optimizer"
-                          f"{suggest(cfg.name, _optax_optimizers())}.")
+        raise ConfigError(
+            f"optimizer.name={cfg.name!r} is not an optax optimizer"
+            f"{suggest(cfg.name, _optax_optimizers())}."
+        )
     lr = cfg.lr
     if cfg.schedule == "linear":
         lr = optax.linear_schedule(cfg.lr, 0.0, total_steps)

@@ -26,16 +26,19 @@ class Checkpointer:
     def __init__(self, directory: Path, keep: int = 3, *, create: bool = True):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=create, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "config"))
+            max_to_keep=keep, create=create, enable_async_checkpointing=False
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "config")
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, config: dict) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  config=ocp.args.JsonSave(config))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)
+        )
         self.manager.save(step, args=args)
         self.manager.wait_until_finished()
 
@@ -49,14 +52,18 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            like)
+            like,
+        )
         try:
             out = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )
         except (ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"the checkpoint at step {step} in {self.directory} does not fit "
-                              f"this config's train state ({first[:200]}).") from None
+            raise ConfigError(
+                f"the checkpoint at step {step} in {self.directory} does not fit "
+                f"this config's train state ({first[:200]})."
+            ) from None
         return out.state
 
     def config(self, step: int | None = None) -> dict | None:

@@ -25,33 +25,53 @@ DEFAULT_CACHE = os.path.join("~", ".cache", "metajax", "jax")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metajax", description="Run metajax experiments.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (("train", "train (or resume) an experiment, then evaluate it"),
-                        ("eval", "evaluate the latest checkpoint of a workdir"),
-                        ("show", "print a resolved config, or a workdir's configs")):
+    for name, help_ in (
+        ("train", "train (or resume) an experiment, then evaluate it"),
+        ("eval", "evaluate the latest checkpoint of a workdir"),
+        ("show", "print a resolved config, or a workdir's configs"),
+    ):
         c = sub.add_parser(name, help=help_)
         c.add_argument("config", nargs="?", help="experiment name[:variant] or config file path")
         c.add_argument("--workdir", help="run directory (train default: runs/<config name>)")
-        c.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
-                       metavar="KEY=VALUE", help="override config fields, e.g. train.steps=100")
+        c.add_argument(
+            "--set",
+            dest="overrides",
+            action="extend",
+            nargs="+",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override config fields, e.g. train.steps=100",
+        )
         if name == "show":
             continue
-        c.add_argument("--no-progress", action="store_true",
-                       help="no progress bar: one line per log step")
-        c.add_argument("--cache-dir", default=None,
-                       help=f"persistent compilation cache (default $METAJAX_CACHE_DIR or "
-                            f"{DEFAULT_CACHE}; 'none' disables)")
+        c.add_argument(
+            "--no-progress", action="store_true", help="no progress bar: one line per log step"
+        )
+        c.add_argument(
+            "--cache-dir",
+            default=None,
+            help=f"persistent compilation cache (default $METAJAX_CACHE_DIR or "
+            f"{DEFAULT_CACHE}; 'none' disables)",
+        )
         if name == "train":
             c.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
-            c.add_argument("--allow-changes", action="store_true",
-                           help="resume a workdir although the model, algorithm, optimizer or "
-                                "data changed (the change is recorded)")
+            c.add_argument(
+                "--allow-changes",
+                action="store_true",
+                help="resume a workdir although the model, algorithm, optimizer or "
+                "data changed (the change is recorded)",
+            )
             g = c.add_argument_group("several processes (jax.distributed)")
             g.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator")
             g.add_argument("--num-processes", type=int)
             g.add_argument("--process-id", type=int)
-            g.add_argument("--heartbeat-timeout", type=int, default=30,
-                           help="seconds before a silent process is declared dead and the "
-                                "others stop (default 30)")
+            g.add_argument(
+                "--heartbeat-timeout",
+                type=int,
+                default=30,
+                help="seconds before a silent process is declared dead and the "
+                "others stop (default 30)",
+            )
     sub.add_parser("list", help="list experiments and their variants, families, algorithms")
     return p
 
@@ -104,13 +124,18 @@ def _run(args) -> int:
         return _show(args)
     if args.command == "train":
         if args.config is None:
-            raise ConfigError("train needs a CONFIG (e.g. sinusoid:tiny); `metajax list` "
-                              "lists them.")
+            raise ConfigError(
+                "train needs a CONFIG (e.g. sinusoid:tiny); `metajax list` lists them."
+            )
         config = load_config(args.config, args.overrides)  # checked before any backend starts
         from metajax.parallel import init_distributed
 
-        init_distributed(args.coordinator, args.num_processes, args.process_id,
-                         heartbeat_timeout_s=args.heartbeat_timeout)
+        init_distributed(
+            args.coordinator,
+            args.num_processes,
+            args.process_id,
+            heartbeat_timeout_s=args.heartbeat_timeout,
+        )
     elif args.workdir is None:
         raise ConfigError("eval needs --workdir DIR (a metajax train run directory).")
     setup_compilation_cache(args.cache_dir)
@@ -120,9 +145,14 @@ def _run(args) -> int:
     try:
         if args.command == "train":
             workdir = args.workdir or os.path.join("runs", config.name)
-            loop.train(config, workdir, progress=True, bar=False if args.no_progress else None,
-                       evaluate=False if args.no_eval else None,
-                       allow_changes=args.allow_changes)
+            loop.train(
+                config,
+                workdir,
+                progress=True,
+                bar=False if args.no_progress else None,
+                evaluate=False if args.no_eval else None,
+                allow_changes=args.allow_changes,
+            )
         else:
             name = None if args.config is None else load_config(args.config).name
             loop.evaluate_workdir(args.workdir, args.overrides, name=name)
@@ -143,8 +173,7 @@ def _show(args) -> int:
 
         current = read_config(args.workdir)
         if current is None:
-            raise ConfigError(f"{args.workdir} holds no config.json: not a metajax train "
-                              "workdir.")
+            raise ConfigError(f"{args.workdir} holds no config.json: not a metajax train workdir.")
         for entry in history(args.workdir):
             changes = ", ".join(entry["changes"]) or "none"
             print(f"# from step {entry['start_step']}: changed keys: {changes}")

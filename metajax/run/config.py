@@ -104,6 +104,9 @@ class TrainConfig:
       keep_checkpoints: checkpoints kept on disk.
       devices: devices to shard the meta-batch over; 0: all of every process.
       parallel: sharding (one jit over a device mesh) or pmap (the legacy path).
+      mesh: (tasks, model): a 2-D device mesh, the meta-batch split over "tasks" and the
+        parameters and optimizer state sharded over "model" (FSDP-style); (): a 1-D mesh
+        of train.devices devices.
     """
 
     steps: int = 1000
@@ -114,6 +117,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     devices: int = 0
     parallel: str = "sharding"
+    mesh: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,9 +168,21 @@ def validate(config: Config) -> None:
         raise ConfigError(f"train.devices={tc.devices} must be >= 0 (0: all devices).")
     if tc.parallel not in ("sharding", "pmap"):
         raise ConfigError(f"train.parallel={tc.parallel!r}: choose 'sharding' or 'pmap'.")
+    if tc.mesh:
+        if len(tc.mesh) != 2 or min(tc.mesh) < 1:
+            raise ConfigError(f"train.mesh={tc.mesh}: give (tasks, model) sizes >= 1, or ().")
+        if tc.parallel == "pmap":
+            raise ConfigError(
+                "train.mesh shards parameters, which the pmap path cannot: use "
+                "train.parallel=sharding."
+            )
+        if tc.devices not in (0, tc.mesh[0] * tc.mesh[1]):
+            raise ConfigError(
+                f"train.devices={tc.devices} disagrees with train.mesh={tc.mesh} "
+                f"({tc.mesh[0] * tc.mesh[1]} devices); set one of them."
+            )
     if ec.num_tasks < 1 or ec.chunk < 1:
-        raise ConfigError(f"eval.num_tasks={ec.num_tasks} and eval.chunk={ec.chunk} must be "
-                          ">= 1.")
+        raise ConfigError(f"eval.num_tasks={ec.num_tasks} and eval.chunk={ec.chunk} must be >= 1.")
     if ec.inner_steps < 0:
         raise ConfigError(f"eval.inner_steps={ec.inner_steps} must be >= 0.")
     if not oc.lr > 0:
@@ -297,8 +313,9 @@ def from_dict(data: dict, task_cls: type) -> Config:
     task = dict(data["task"])
     kind = task.pop("type", task_cls.__name__)
     if kind != task_cls.__name__:
-        raise ConfigError(f"config: task type {kind!r} is not family {data['family']!r}'s "
-                          f"{task_cls.__name__}.")
+        raise ConfigError(
+            f"config: task type {kind!r} is not family {data['family']!r}'s {task_cls.__name__}."
+        )
     hints = typing.get_type_hints(Config)
 
     def make(cls, fields):
@@ -308,9 +325,12 @@ def from_dict(data: dict, task_cls: type) -> Config:
             raise ConfigError(f"config: unknown {cls.__name__} keys {unknown}.")
         return cls(**{k: _tuples(v) for k, v in fields.items()})
 
-    return Config(name=data["name"], family=data["family"], task=make(task_cls, task),
-                  **{k: make(hints[k], data.get(k, {}))
-                     for k in ("algorithm", "optimizer", "train", "eval")})
+    return Config(
+        name=data["name"],
+        family=data["family"],
+        task=make(task_cls, task),
+        **{k: make(hints[k], data.get(k, {})) for k in ("algorithm", "optimizer", "train", "eval")},
+    )
 
 
 def _tuples(value: Any) -> Any:
@@ -339,8 +359,11 @@ def changed_keys(old: Config, new: Config) -> list[str]:
 
 def describe(config: Config) -> str:
     """One line per key: ``key: type = value  # what it means`` (``metajax show``)."""
-    lines = [f"name: {config.name}", f"family: {config.family}",
-             f"task: {type(config.task).__name__}"]
+    lines = [
+        f"name: {config.name}",
+        f"family: {config.family}",
+        f"task: {type(config.task).__name__}",
+    ]
     for key in flat_keys(config):
         if "." not in key:
             continue
@@ -380,5 +403,3 @@ def _get(obj: Any, key: str) -> Any:
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
-
-

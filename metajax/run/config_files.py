@@ -25,8 +25,11 @@ def experiment_names() -> list[str]:
     names = set()
     for d in search_path():
         if d.is_dir():
-            names |= {p.stem for p in d.glob("*.py")
-                      if not p.stem.startswith("_") and "def get_config" in p.read_text()}
+            names |= {
+                p.stem
+                for p in d.glob("*.py")
+                if not p.stem.startswith("_") and "def get_config" in p.read_text()
+            }
     return sorted(names)
 
 
@@ -69,8 +72,10 @@ def find(name: str) -> Path:
     for d in search_path():
         if (d / f"{name}.py").is_file():
             return d / f"{name}.py"
-    raise ConfigError(f"no experiment {name!r}{suggest(name, experiment_names())}; "
-                      f"known: {', '.join(experiment_names()) or 'none'}.")
+    raise ConfigError(
+        f"no experiment {name!r}{suggest(name, experiment_names())}; "
+        f"known: {', '.join(experiment_names()) or 'none'}."
+    )
 
 
 def variants(name: str) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from metajax.run.build import Experiment
 from metajax.run.config import Config, ConfigError, apply_overrides, changed_keys, to_dict
@@ -17,8 +18,9 @@ from metajax.train import evaluate, summarize
 EVAL_KEYS = ("algorithm.inner_lr",)
 
 
-def run_eval(exp: Experiment, meta_params, workdir: Path, *, step: int | None = None,
-             echo=print) -> dict:
+def run_eval(
+    exp: Experiment, meta_params, workdir: Path, *, step: int | None = None, echo=print
+) -> dict:
     """Evaluates ``meta_params`` on ``eval.num_tasks`` test tasks; writes ``eval.json``; plots.
 
     Every process computes the same numbers on its own devices (no collectives); only
@@ -30,9 +32,19 @@ def run_eval(exp: Experiment, meta_params, workdir: Path, *, step: int | None = 
       full config evaluated (task settings included).
     """
     cfg = exp.config.eval
-    per_task = evaluate(exp.algo, meta_params, exp.setup.eval_source, exp.loss_fn,
-                        exp.metric_fn, num_tasks=cfg.num_tasks, steps=cfg.inner_steps,
-                        chunk=cfg.chunk, vmap_tasks=cfg.vmap_tasks)
+    per_task = evaluate(
+        exp.algo,
+        meta_params,
+        exp.setup.eval_source,
+        exp.loss_fn,
+        exp.metric_fn,
+        num_tasks=cfg.num_tasks,
+        steps=cfg.inner_steps,
+        chunk=cfg.chunk,
+        vmap_tasks=cfg.vmap_tasks,
+    )
+    if exp.setup.score_fn is not None:
+        per_task.update(host_scores(exp, meta_params))
     result = {
         "config_name": exp.config.name,
         "checkpoint_step": step,
@@ -55,8 +67,39 @@ def run_eval(exp: Experiment, meta_params, workdir: Path, *, step: int | None = 
     return result
 
 
-def eval_config(trained: Config, overrides: Sequence[str], family_keys: Sequence[str] = ()
-                ) -> Config:
+def host_scores(exp: Experiment, meta_params) -> dict[str, np.ndarray]:
+    """``Setup.score_fn`` of every held-out task after 0..``eval.inner_steps`` steps.
+
+    The adapted parameters of each step come from one jitted ``adapt_trace`` per task;
+    the scores are computed on the host.
+
+    Returns:
+      ``{name: array (num_tasks, inner_steps + 1)}``, like :func:`metajax.evaluate`.
+    """
+    cfg, algo = exp.config.eval, exp.algo
+    trace = jax.jit(
+        lambda mp, support: algo.adapt_trace(mp, support, lambda p: p, steps=cfg.inner_steps)[1]
+    )
+    params = jax.device_put(jax.device_get(meta_params))
+    rows = []
+    for first in range(0, cfg.num_tasks, cfg.chunk):
+        tasks = jax.device_get(
+            exp.setup.eval_source.sample(0, min(cfg.chunk, cfg.num_tasks - first), first)
+        )
+        for i in range(jax.tree.leaves(tasks)[0].shape[0]):
+            task = jax.tree.map(lambda x, i=i: x[i], tasks)
+            adapted = trace(params, task.support)
+            steps = [
+                exp.setup.score_fn(jax.tree.map(lambda x, k=k: x[k], adapted), task.query)
+                for k in range(cfg.inner_steps + 1)
+            ]
+            rows.append({name: [s[name] for s in steps] for name in steps[0]})
+    return {name: np.asarray([r[name] for r in rows], np.float64) for name in rows[0]}
+
+
+def eval_config(
+    trained: Config, overrides: Sequence[str], family_keys: Sequence[str] = ()
+) -> Config:
     """The trained config with ``overrides`` that change only what evaluation uses.
 
     Raises:
@@ -65,12 +108,15 @@ def eval_config(trained: Config, overrides: Sequence[str], family_keys: Sequence
     """
     config = apply_overrides(trained, overrides)
     allowed = set(EVAL_KEYS) | set(family_keys)
-    refused = [k for k in changed_keys(trained, config)
-               if not k.startswith("eval.") and k not in allowed]
+    refused = [
+        k for k in changed_keys(trained, config) if not k.startswith("eval.") and k not in allowed
+    ]
     if refused:
-        raise ConfigError(f"metajax eval --set {', '.join(refused)}: evaluation can change "
-                          f"only eval.*, {', '.join(sorted(allowed))}; these were fixed by "
-                          "training.")
+        raise ConfigError(
+            f"metajax eval --set {', '.join(refused)}: evaluation can change "
+            f"only eval.*, {', '.join(sorted(allowed))}; these were fixed by "
+            "training."
+        )
     return config
 
 

@@ -21,26 +21,40 @@ class NonFiniteError(RuntimeError):
 
 
 class MetricsWindow:
-    """Metrics since the last log line, fetched lazily so steps stay asynchronous."""
+    """Metrics since the last log line; an entry may hold several meta-steps (metrics with a
+    leading step axis, from a fused dispatch). Fetched lazily, once per log window, so steps
+    stay asynchronous; a non-finite metric is named with its exact step.
+    """
 
     def __init__(self, start: int):
         self.first = start + 1  # step number of the oldest metrics held
-        self.pending, self.fetched = [], []
+        self.pending, self.fetched, self.count = [], {}, 0
         self.time = time.perf_counter()
 
-    def add(self, metrics) -> None:
-        self.pending.append(metrics)
+    def start_clock(self) -> None:
+        """Steps per second count from now (e.g. once the step is compiled)."""
+        self.time = time.perf_counter()
+
+    def add(self, metrics: dict, count: int = 1) -> None:
+        """``metrics`` of ``count`` meta-steps: scalars for one, else arrays ``(count,)``."""
+        self.pending.append((metrics, count))
 
     def check(self) -> None:
         """Fetches pending metrics; raises :class:`NonFiniteError` naming a bad step."""
-        host = jax.device_get(self.pending)
-        for i, m in enumerate(host):
-            for name, value in m.items():
-                if not np.all(np.isfinite(value)):
-                    raise NonFiniteError(
-                        f"step {self.first + len(self.fetched) + i}: meta-train metric "
-                        f"{name!r} is {float(value)}; stopping.")
-        self.fetched += host
+        host = jax.device_get([metrics for metrics, _ in self.pending])
+        for metrics, (_, count) in zip(host, self.pending, strict=True):
+            values = {name: np.reshape(v, (count,)) for name, v in metrics.items()}
+            finite = np.all([np.isfinite(v) for v in values.values()], axis=0)
+            if not finite.all():
+                i = int(np.argmin(finite))
+                name = next(n for n, v in values.items() if not np.isfinite(v[i]))
+                raise NonFiniteError(
+                    f"step {self.first + self.count + i}: meta-train metric "
+                    f"{name!r} is {float(values[name][i])}; stopping."
+                )
+            for name, v in values.items():
+                self.fetched.setdefault(name, []).append(v)
+            self.count += count
         self.pending = []
 
     def flush(self, step: int) -> dict:
@@ -48,10 +62,10 @@ class MetricsWindow:
         self.check()
         now = time.perf_counter()
         row = {"step": step}
-        for name in self.fetched[0]:
-            row[name] = float(np.mean([float(m[name]) for m in self.fetched]))
-        row["steps_per_s"] = len(self.fetched) / max(now - self.time, 1e-9)
-        self.first, self.fetched, self.time = step + 1, [], now
+        for name, parts in self.fetched.items():
+            row[name] = float(np.mean(np.concatenate(parts).astype(np.float64)))
+        row["steps_per_s"] = self.count / max(now - self.time, 1e-9)
+        self.first, self.fetched, self.count, self.time = step + 1, {}, 0, now
         return row
 
 
@@ -64,8 +78,11 @@ def truncate_log(path: Path, step: int) -> None:
     """Drops log lines past the checkpoint a run resumes from (they will be logged again)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -82,16 +99,18 @@ def summary(row: dict) -> dict[str, str]:
 class Progress:
     """A tqdm bar on a terminal; otherwise one line per :meth:`update` (``echo``)."""
 
-    def __init__(self, name: str, total: int, initial: int, *, enabled: bool, bar: bool | None,
-                 echo=print):
+    def __init__(
+        self, name: str, total: int, initial: int, *, enabled: bool, bar: bool | None, echo=print
+    ):
         self.name, self.total, self.echo, self.enabled = name, total, echo, enabled
         use_bar = sys.stderr.isatty() if bar is None else bar
         self.bar = None
         if enabled and use_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                            desc=name)
+            self.bar = tqdm(
+                total=total, initial=initial, unit="step", dynamic_ncols=True, desc=name
+            )
 
     def note(self, text: str) -> None:
         if not self.enabled:

@@ -30,8 +30,9 @@ def learning_curves(metrics_path: Path, plots_dir: Path) -> list[Path]:
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     steps = np.array([r["step"] for r in rows])
-    bases = sorted({k.rsplit("_", 1)[0] for r in rows for k in r
-                    if k.endswith(("_before", "_after"))})
+    bases = sorted(
+        {k.rsplit("_", 1)[0] for r in rows for k in r if k.endswith(("_before", "_after"))}
+    )
     written = []
     for base in bases:
         fig, ax = plt.subplots(figsize=(6, 4))

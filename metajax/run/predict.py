@@ -66,8 +66,9 @@ class FewShotModel:
         support = self.support_batch(support_x, support_y)
         return _adapt(self._exp.algo, steps)(self.meta_params, support)
 
-    def adapt_and_predict(self, support_x: Any, support_y: Any, query_x: Any, *,
-                          steps: int | None = None) -> Any:
+    def adapt_and_predict(
+        self, support_x: Any, support_y: Any, query_x: Any, *, steps: int | None = None
+    ) -> Any:
         """Adapts on ``(support_x, support_y)``, then predicts ``query_x``.
 
         Returns:
@@ -104,8 +105,9 @@ def load(workdir: str | Path, config: Config | str | None = None) -> FewShotMode
     if config is None:
         config = read_config(workdir)
         if config is None:
-            raise ConfigError(f"{workdir / 'config.json'} does not exist: is {workdir} a "
-                              "metajax train workdir?")
+            raise ConfigError(
+                f"{workdir / 'config.json'} does not exist: is {workdir} a metajax train workdir?"
+            )
     elif isinstance(config, str):
         config = load_config(config)
     exp = build(config)

@@ -45,6 +45,9 @@ class Setup(NamedTuple):
         ``mask=`` to every algorithm that takes one.
       wrap_optimizer: ``wrap_optimizer(tx) -> tx`` applied to the outer optimizer (e.g.
         :func:`metajax.lora.freeze_base`); None: the optimizer as configured.
+      score_fn: ``score_fn(adapted, query_batch) -> {name: float}``, host side, for metrics
+        that cannot be jitted (chrF of decoded strings): evaluation calls it on each held-out
+        task after every number of adaptation steps and reports it beside ``metric_fn``.
     """
 
     params: Params
@@ -61,3 +64,4 @@ class Setup(NamedTuple):
     plot_fn: Callable[..., Any] | None = None
     inner_mask: Any = None
     wrap_optimizer: Callable[[Any], Any] | None = None
+    score_fn: Callable[..., dict[str, float]] | None = None

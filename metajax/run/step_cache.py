@@ -1,17 +1,26 @@
-"""Warm starts: the traced train step kept across processes as a serialised ``jax.export``.
+"""The runner's compiled train step: how it is dispatched, and kept across processes.
 
-JAX's persistent compilation cache keeps XLA executables, but it is keyed by the program's
-StableHLO, so a new process still traces the whole meta-step to find its entry, and tracing
-second-order gradients through an unrolled inner loop is slow. This cache keeps the traced
-program itself: a new process deserialises it, traces only a one-call wrapper around it,
-and the wrapper's compilation hits the persistent compilation cache.
+:func:`fast_steps` dispatches the train loop's steps. A source whose ``sample`` is jittable
+in the step (``traceable = True``) is sampled inside the program, :func:`steps_per_call`
+meta-steps per dispatch (a ``lax.scan``); any other source is sampled and placed on the
+devices by a background thread, one step per dispatch. Either program is compiled ahead of
+time by :func:`cached_step`, which keeps the traced program for the next process.
+
+Warm starts: JAX's persistent compilation cache keeps XLA executables, keyed by the
+program's StableHLO, so a new process still traces the whole meta-step to find its entry,
+and tracing second-order gradients through an unrolled inner loop is slow. This cache keeps
+the traced program itself (``jax.export``, serialised): a new process deserialises it,
+traces only a one-call wrapper around it, and the wrapper's compilation hits the persistent
+compilation cache. A family whose loss closed over arrays read from files outside the
+config would need them in the key; none does.
 
 The key is a SHA-256 of everything the program depends on: the caller's description of it
 (the config and how the loop calls the step), the tree structure, shapes, dtypes and
 shardings of the inputs, the devices, the versions of Python, jax, jaxlib, optax, flax,
 chex and numpy, the jax settings that change traced programs, and the source of every
-``metajax`` module (a code change re-traces). The file also stores the key's full text and a
-hit must match it exactly, so a hash collision or a hand-copied file is never run.
+``metajax`` module (a code change re-traces; a source file changed while the process runs
+bypasses the cache). The file also stores the key's full text and a hit must match it
+exactly, so a hash collision or a hand-copied file is never run.
 
 ``jax.export`` keeps the shardings of the inputs and outputs but not donation: the wrapper
 ``jit`` donates the state (argument 0), as the fresh step does. A fresh trace goes through
@@ -26,24 +35,152 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
 import metajax
+from metajax import parallel
+from metajax.run.config import Config, to_dict
+from metajax.tasks.prefetch import prefetch
 
 SUFFIX = ".jaxexport"
 # jax settings that change what a function traces to.
-_TRACE_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
-                "jax_threefry_partitionable", "jax_numpy_dtype_promotion",
-                "jax_numpy_rank_promotion")
+_TRACE_FLAGS = (
+    "jax_enable_x64",
+    "jax_default_matmul_precision",
+    "jax_default_prng_impl",
+    "jax_threefry_partitionable",
+    "jax_numpy_dtype_promotion",
+    "jax_numpy_rank_promotion",
+)
 _PACKAGES = ("jax", "jaxlib", "optax", "flax", "chex", "numpy")
+# Meta-steps per dispatch at most, for sources sampled inside the compiled step.
+MAX_STEPS_PER_CALL = 100
+# Config keys that do not change the compiled step (the steps per call are keyed apart).
+_NOT_IN_PROGRAM = ("name", "eval")
+_TRAIN_NOT_IN_PROGRAM = ("log_every", "checkpoint_every", "keep_checkpoints")
+
+
+class Dispatch(NamedTuple):
+    """What the loop hands a dispatcher: the step, the state and the task stream.
+
+    Attributes:
+      step_fn: ``make_train_step``'s ``step(state, tasks) -> (state, metrics)``.
+      state: the placed (or restored) train state; donated to the first dispatch.
+      source: the meta-train task source.
+      local_tasks: tasks per meta-batch on this process.
+      first_task: this process's first task in the global meta-batch.
+      prepare: ``prepare(tasks)``: this process's tasks to the step's global input.
+      start: the first step.
+      bar: the progress display (its ``note`` says when the step is ready).
+      clock: called when the timed steps begin.
+    """
+
+    step_fn: Callable
+    state: Any
+    source: Any
+    local_tasks: int
+    first_task: int
+    prepare: Callable
+    start: int
+    bar: Any
+    clock: Callable[[], None]
+
+
+def steps_per_call(tc, start: int) -> int:
+    """Meta-steps per dispatch for a source sampled inside the step: the largest divisor of
+    the log and checkpoint intervals, the start and the end step, up to
+    :data:`MAX_STEPS_PER_CALL`, so that every log line and checkpoint ends a dispatch."""
+    common = math.gcd(tc.log_every, tc.checkpoint_every, start, tc.steps)
+    return max(d for d in range(1, min(common, MAX_STEPS_PER_CALL) + 1) if common % d == 0)
+
+
+def program_identity(config: Config, loop: str, steps: int) -> dict:
+    """What a runner's train program is keyed by beyond its inputs' shapes: the config
+    (less what never reaches the program), the loop form and the meta-steps per dispatch."""
+    data = to_dict(config)
+    for key in _NOT_IN_PROGRAM:
+        data.pop(key)
+    for key in _TRAIN_NOT_IN_PROGRAM:
+        data["train"].pop(key)
+    return {"runner": "metajax.run.loop", "loop": loop, "steps_per_call": steps, "config": data}
+
+
+def fast_steps(config: Config, plan: Dispatch, mesh, directory: Path | None):
+    """The runner's dispatches: fused and sampled on the devices when the source is
+    traceable (``source.traceable``), else one step per dispatch over batches a thread
+    samples and places ahead (:func:`metajax.tasks.prefetch`). The step is compiled (or
+    read from ``directory``) before the first dispatch, which is timed.
+
+    Yields:
+      ``(steps done, state, metrics, count)`` after issuing each dispatch of ``count``
+      steps (not waiting for it); metrics have a leading axis ``count`` when fused.
+    """
+    tc, state, start, bar = config.train, plan.state, plan.start, plan.bar
+    rep = parallel.replicated(mesh)
+    if start >= tc.steps:
+        return
+    if getattr(plan.source, "traceable", False):
+        k = steps_per_call(tc, start)
+
+        def chunk(state, _):
+            def one(state, _):
+                # Every process samples the global meta-batch's values (a pure function of
+                # the step and the task index); the program keeps each device's shard.
+                return plan.step_fn(state, plan.source.sample(state.step, tc.meta_batch))
+
+            return jax.lax.scan(one, state, None, length=k)
+
+        bar.note("compiling the meta-step")
+        t0 = time.perf_counter()
+        identity = program_identity(config, "fused", k)
+        run, how = cached_step(
+            chunk, state, (), metric_sharding=rep, identity=identity, directory=directory
+        )
+        bar.note(
+            f"meta-step ready in {time.perf_counter() - t0:.2f} s ({how}; {k} meta-steps "
+            "per dispatch)"
+        )
+        plan.clock()
+        for first in range(start, tc.steps, k):
+            state, metrics = run(state, ())
+            yield first + k, state, metrics, k
+        return
+    batches = prefetch(
+        plan.source,
+        start,
+        plan.local_tasks,
+        plan.first_task,
+        num_steps=tc.steps - start,
+        transform=plan.prepare,
+    )
+    with batches:
+        for step, tasks in batches:
+            if step == start:
+                bar.note("compiling the meta-step")
+                t0 = time.perf_counter()
+                identity = program_identity(config, "prefetched", 1)
+                run, how = cached_step(
+                    plan.step_fn,
+                    state,
+                    tasks,
+                    metric_sharding=rep,
+                    identity=identity,
+                    directory=directory,
+                )
+                bar.note(f"meta-step ready in {time.perf_counter() - t0:.2f} s ({how})")
+                plan.clock()
+            state, metrics = run(state, tasks)
+            yield step + 1, state, metrics, 1
 
 
 def default_directory() -> Path | None:
@@ -72,18 +209,26 @@ def available() -> bool:
     return True
 
 
-def cached_step(fn: Callable, state: Any, extra: Any, *, state_shardings: Any,
-                extra_shardings: Any, metric_sharding: Any, identity: dict,
-                directory: Path | None) -> tuple[Callable, str]:
-    """A jitted ``step(state, extra) -> (state, metrics)``, from the cache when it holds it.
+def cached_step(
+    fn: Callable,
+    state: Any,
+    extra: Any,
+    *,
+    metric_sharding: Any,
+    identity: dict,
+    directory: Path | None,
+) -> tuple[Callable, str]:
+    """A compiled ``step(state, extra) -> (state, metrics)``, traced or from the cache.
+
+    Compiled ahead of time (the persistent compilation cache serves the executable), so the
+    first call runs the step and nothing else.
 
     Args:
       fn: ``fn(state, extra) -> (new_state, metrics)``, jittable; ``new_state`` has the tree
         structure of ``state`` and ``metrics`` is a dict of arrays.
-      state: the train state (arrays; only their shapes, dtypes and shardings are used).
-      extra: the other argument (e.g. the task batch; ``()`` for none), likewise.
-      state_shardings: a sharding per leaf of ``state`` (a tree like it).
-      extra_shardings: a sharding per leaf of ``extra``.
+      state: the train state (jax arrays; their shapes, dtypes and shardings are the
+        step's, input and output).
+      extra: the other argument (e.g. the task batch; ``()`` for none), likewise (input).
       metric_sharding: the one sharding of every metric.
       identity: JSON-able description of what ``fn`` computes that its inputs' shapes do
         not show (the config, steps per call, where tasks are sampled).
@@ -91,54 +236,66 @@ def cached_step(fn: Callable, state: Any, extra: Any, *, state_shardings: Any,
 
     Returns:
       ``(step, how)``: the step, which donates its ``state``; ``how`` is ``"cached"`` (read
-      from the cache), ``"traced"`` (traced now and stored) or ``"traced, not cached"``.
+      from the cache), ``"traced"`` (traced now and stored), ``"traced, not cached"`` or
+      ``"traced, not exportable"`` (``jax.export`` refused it, e.g. for a host callback).
     """
     state_leaves, state_tree = jax.tree.flatten(state)
     extra_leaves, extra_tree = jax.tree.flatten(extra)
-    in_shardings = (state_tree.flatten_up_to(state_shardings),
-                    extra_tree.flatten_up_to(extra_shardings))
+    in_shardings = ([x.sharding for x in state_leaves], [x.sharding for x in extra_leaves])
     out_shardings = (in_shardings[0], metric_sharding)
+    avals = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=s, weak_type=jax.typeof(x).weak_type
+        ),
+        [state_leaves, extra_leaves],
+        list(in_shardings),
+    )
     flat = _flat(fn, state_tree, extra_tree)
-    if directory is None or not available():
-        jitted = jax.jit(flat, in_shardings=in_shardings, out_shardings=out_shardings,
-                         donate_argnums=(0,))
-        return _unflat(jitted, state_tree, extra_tree), "traced, not cached"
-    text = _key_text(identity, (state_tree, extra_tree), (state_leaves, extra_leaves),
-                     in_shardings)
-    path = Path(directory) / (hashlib.sha256(text.encode()).hexdigest()[:40] + SUFFIX)
-    blob = _read(path, text)
-    how = "cached"
-    if blob is None:
-        avals = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s,
-                                              weak_type=jax.typeof(x).weak_type),
-            [state_leaves, extra_leaves], list(in_shardings))
-        jitted = jax.jit(flat, in_shardings=in_shardings, out_shardings=out_shardings)
-        blob = bytes(jax.export.export(jitted)(*avals).serialize())
-        how = "traced" if _write(path, text, blob) else "traced, not cached"
-    exported = jax.export.deserialize(blob)
-    call = jax.jit(exported.call, in_shardings=in_shardings, out_shardings=out_shardings,
-                   donate_argnums=(0,))
-    return _unflat(call, state_tree, extra_tree), how
+    how = "traced, not cached"
+    source = source_digest() if directory is not None and available() else None
+    if source is not None:
+        text = _key_text(
+            identity, (state_tree, extra_tree), (state_leaves, extra_leaves), in_shardings, source
+        )
+        path = Path(directory) / (hashlib.sha256(text.encode()).hexdigest()[:40] + SUFFIX)
+        blob = _read(path, text)
+        how = "cached"
+        if blob is None:
+            traced = jax.jit(flat, in_shardings=in_shardings, out_shardings=out_shardings)
+            try:
+                blob = bytes(jax.export.export(traced)(*avals).serialize())
+            except Exception as e:  # noqa: BLE001 - e.g. a host callback: run it uncached
+                print(
+                    f"metajax: this step cannot be exported ({type(e).__name__}: "
+                    f"{str(e)[:200]}); it is traced in every process.",
+                    file=sys.stderr,
+                )
+                how = "traced, not exportable"
+            else:
+                how = "traced" if _write(path, text, blob) else "traced, not cached"
+        if blob is not None:
+            # A fresh trace runs the deserialised program too: a hit runs the very same one.
+            flat = jax.export.deserialize(blob).call
+    compiled = (
+        jax.jit(flat, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(0,))
+        .lower(*avals)
+        .compile()
+    )
 
+    def step(state, extra):
+        leaves, metrics = compiled(state_tree.flatten_up_to(state), extra_tree.flatten_up_to(extra))
+        return state_tree.unflatten(leaves), metrics
 
-def key_text(identity: dict, state: Any, extra: Any, state_shardings: Any,
-             extra_shardings: Any) -> str:
-    """The full text the cache key hashes, for inputs as :func:`cached_step` takes them."""
-    state_leaves, state_tree = jax.tree.flatten(state)
-    extra_leaves, extra_tree = jax.tree.flatten(extra)
-    in_shardings = (state_tree.flatten_up_to(state_shardings),
-                    extra_tree.flatten_up_to(extra_shardings))
-    return _key_text(identity, (state_tree, extra_tree), (state_leaves, extra_leaves),
-                     in_shardings)
+    return step, how
 
 
 def _flat(fn, state_tree, extra_tree):
     """``fn`` over flat lists of leaves: ``jax.export`` serialises no custom pytree nodes."""
 
     def flat(state_leaves, extra_leaves):
-        new_state, metrics = fn(state_tree.unflatten(state_leaves),
-                                extra_tree.unflatten(extra_leaves))
+        new_state, metrics = fn(
+            state_tree.unflatten(state_leaves), extra_tree.unflatten(extra_leaves)
+        )
         new_leaves, new_tree = jax.tree.flatten(new_state)
         if new_tree != state_tree:
             raise TypeError(f"the step changed the state's structure: {state_tree} -> {new_tree}.")
@@ -149,27 +306,27 @@ def _flat(fn, state_tree, extra_tree):
     return flat
 
 
-def _unflat(jitted, state_tree, extra_tree):
-    def step(state, extra):
-        leaves, metrics = jitted(state_tree.flatten_up_to(state), extra_tree.flatten_up_to(extra))
-        return state_tree.unflatten(leaves), metrics
-
-    return step
-
-
-def _key_text(identity, trees, leaves, in_shardings) -> str:
+def _key_text(identity, trees, leaves, in_shardings, source: str) -> str:
     devices = jax.devices()
     described = {
         "identity": identity,
         "trees": [str(t) for t in trees],
-        "inputs": [[[str(jax.typeof(x)), bool(jax.typeof(x).weak_type), _sharding_text(s)]
-                    for x, s in zip(group, shardings, strict=True)]
-                   for group, shardings in zip(leaves, in_shardings, strict=True)],
-        "devices": [jax.default_backend(), devices[0].device_kind, len(devices),
-                    jax.process_count()],
+        "inputs": [
+            [
+                [str(jax.typeof(x)), bool(jax.typeof(x).weak_type), _sharding_text(s)]
+                for x, s in zip(group, shardings, strict=True)
+            ]
+            for group, shardings in zip(leaves, in_shardings, strict=True)
+        ],
+        "devices": [
+            jax.default_backend(),
+            devices[0].device_kind,
+            len(devices),
+            jax.process_count(),
+        ],
         "versions": [platform.python_version(), *(_version(p) for p in _PACKAGES)],
         "flags": {name: str(getattr(jax.config, name, None)) for name in _TRACE_FLAGS},
-        "source": source_digest(),
+        "source": source,
     }
     return json.dumps(described, sort_keys=True, default=str)
 
@@ -188,19 +345,29 @@ def _version(package: str) -> str:
         return f"{package} (not installed)"
 
 
-_digest: str | None = None
+def _process_start() -> float:
+    """When this process started (Linux: its /proc entry), else when this module loaded."""
+    try:
+        return os.stat(f"/proc/{os.getpid()}").st_mtime
+    except OSError:
+        return _LOADED
 
 
-def source_digest() -> str:
-    """SHA-256 of every ``metajax`` source file (paths and contents), computed once."""
-    global _digest
-    if _digest is None:
-        root = Path(metajax.__file__).resolve().parent
-        h = hashlib.sha256()
-        for path in sorted(root.rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-        _digest = h.hexdigest()
-    return _digest
+_LOADED = time.time()
+
+
+def source_digest() -> str | None:
+    """SHA-256 of every ``metajax`` source file (paths and contents); None when one changed
+    after this process started, since the code it runs may then not be the code on disk."""
+    root = Path(metajax.__file__).resolve().parent
+    started = _process_start()
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        data = path.read_bytes()
+        if path.stat().st_mtime > started:
+            return None
+        h.update(str(path.relative_to(root)).encode() + b"\0" + data + b"\0")
+    return h.hexdigest()
 
 
 def _read(path: Path, text: str) -> bytes | None:
@@ -225,6 +392,8 @@ def _write(path: Path, text: str, blob: bytes) -> bool:
         os.replace(tmp, path)
         return True
     except OSError as e:
-        print(f"metajax: step cache {path.parent} not writable ({e}); tracing next time.",
-              file=sys.stderr)
+        print(
+            f"metajax: step cache {path.parent} not writable ({e}); tracing next time.",
+            file=sys.stderr,
+        )
         return False

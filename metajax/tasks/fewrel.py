@@ -133,6 +133,10 @@ class Splits:
       train_files, val_files, test_files: FewRel JSON paths of each split.
       train_relations, val_relations, test_relations: the relation ids each split uses;
         None: every relation of its files.
+      vocab_exclude: relations of the train files whose sentences the word vocabulary must
+        not see (those held out within the same files: validation, in-domain test). The
+        vocabulary does not depend on the test files, so a trained model can be evaluated
+        on any other FewRel-format file.
     """
 
     train_files: tuple[str, ...]
@@ -141,6 +145,7 @@ class Splits:
     train_relations: tuple[str, ...] | None = None
     val_relations: tuple[str, ...] | None = None
     test_relations: tuple[str, ...] | None = None
+    vocab_exclude: tuple[str, ...] = ()
 
     def parts(self, split: str) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
         """``(files, relation ids or None)`` of ``"train"``, ``"validation"`` or ``"test"``."""
@@ -221,7 +226,15 @@ def protocol_splits(
         pool = [r for r in ids if r not in test]
         val = _spread(pool, num_val, "num_val")
         train = [r for r in pool if r not in val]
-        return Splits(files, files, files, tuple(train), tuple(val), tuple(test))
+        return Splits(
+            files,
+            files,
+            files,
+            tuple(train),
+            tuple(val),
+            tuple(test),
+            vocab_exclude=tuple(sorted(val + test)),
+        )
     if protocol == "cross_domain":
         tr, va = paths(train_files or (WIKI, SEMEVAL)), paths(val_files or (WIKI, SEMEVAL))
         te = paths(test_files or (NYT,))
@@ -229,16 +242,23 @@ def protocol_splits(
         train_ids, val_ids = set(load_relations(tr)) - test, set(load_relations(va)) - test
         val = _spread(sorted(val_ids), num_val, "num_val")
         train = sorted(train_ids - set(val))
-        return Splits(tr, va, te, tuple(train), tuple(val), None)
+        return Splits(tr, va, te, tuple(train), tuple(val), None, vocab_exclude=tuple(val))
     raise FewRelError(f"protocol={protocol!r}: expected cross_domain, in_domain or files.")
 
 
 @functools.lru_cache(maxsize=8)
 def build_vocab(splits: Splits, vocab_size: int) -> dict[str, int]:
-    """Word ids of the ``vocab_size`` commonest lowercased words of the train split's
-    sentences (ties alphabetical), numbered from ``WORD_SPECIALS``."""
+    """Word ids of the ``vocab_size`` commonest lowercased words of the train files'
+    sentences, less those of ``splits.vocab_exclude`` (ties alphabetical), numbered from
+    ``WORD_SPECIALS``."""
+    resolve(splits)  # the splits are checked first
+    relations = load_relations(tuple(splits.train_files))
     counts = collections.Counter(
-        w.lower() for sents in resolve(splits)["train"].values() for s in sents for w in s[0]
+        w.lower()
+        for rel, sents in relations.items()
+        if rel not in splits.vocab_exclude
+        for s in sents
+        for w in s[0]
     )
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:vocab_size]
     return {w: WORD_SPECIALS + i for i, (w, _) in enumerate(top)}

@@ -177,8 +177,11 @@ class MetajaxOmniglot(tfds.core.GeneratorBasedBuilder):
 
     def _log_download_bytes(self) -> None:
         # TFDS would announce a download of "Unknown size"; nothing is downloaded here.
-        print(f"Building the Omniglot dataset from the zips in {self._zip_dir} into "
-              f"{self.data_dir} (once; later runs reuse it).", flush=True)
+        print(
+            f"Building the Omniglot dataset from the zips in {self._zip_dir} into "
+            f"{self.data_dir} (once; later runs reuse it).",
+            flush=True,
+        )
 
     def _info(self) -> tfds.core.DatasetInfo:
         s = self.builder_config.image_size

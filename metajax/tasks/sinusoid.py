@@ -48,13 +48,15 @@ class Sinusoid:
         split_id(self.split)  # a clear error for an unknown split
 
     def sample(self, step: int, num_tasks: int, first_task: int = 0) -> Task:
-        return _sample(self.shots, self.queries, split_id(self.split), self.seed, step,
-                       num_tasks, first_task)
+        return _sample(
+            self.shots, self.queries, split_id(self.split), self.seed, step, num_tasks, first_task
+        )
 
     def sample_with_params(self, step: int, num_tasks: int, first_task: int = 0):
         """Like ``sample``, also returning each task's (amplitude, phase), for plots."""
-        return _sample_full(self.shots, self.queries, split_id(self.split), self.seed, step,
-                            num_tasks, first_task)
+        return _sample_full(
+            self.shots, self.queries, split_id(self.split), self.seed, step, num_tasks, first_task
+        )
 
 
 def one_task(key: jax.Array, shots: int, queries: int):

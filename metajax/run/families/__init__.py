@@ -21,8 +21,9 @@ def names() -> list[str]:
 def load(name: str) -> ModuleType:
     """The module of family ``name``, checked to define ``TaskConfig`` and ``build``."""
     if name not in names():
-        raise ConfigError(f"unknown task family {name!r}{suggest(name, names())}; "
-                          f"known: {', '.join(names())}.")
+        raise ConfigError(
+            f"unknown task family {name!r}{suggest(name, names())}; known: {', '.join(names())}."
+        )
     module = importlib.import_module(f"{__name__}.{name}")
     for attr in ("TaskConfig", "build"):
         if not hasattr(module, attr):

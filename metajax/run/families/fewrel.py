@@ -84,7 +84,8 @@ class FewRelTask:
 TaskConfig = FewRelTask
 # Keys that `metajax eval --set` may change on a trained workdir: what is evaluated, not
 # what was trained (other files would change the relations and so the word vocabulary).
-EVAL_KEYS = ("task.eval_split", "task.data_dir")
+# The vocabulary comes from the train files alone, so evaluation may read other test files.
+EVAL_KEYS = ("task.eval_split", "task.data_dir", "task.test_files")
 
 
 def sources(task: FewRelTask, seed: int) -> tuple[fewrel.FewRel, fewrel.FewRel]:

@@ -80,14 +80,29 @@ def build(config: Config) -> Setup:
     model = ConvNet(net)
     embed = ConvNet(dataclasses.replace(net, head=False))
     # uint8 images: a quarter of the host-to-device bytes; the ConvNet scales them by 1/255.
-    common = dict(ways=task.ways, shots=task.shots, queries=task.queries, seed=seed,
-                  source=task.source, zip_dir=zip_dir(task), data_dir=task.data_dir,
-                  download=task.download, dtype="uint8")
+    common = dict(
+        ways=task.ways,
+        shots=task.shots,
+        queries=task.queries,
+        seed=seed,
+        source=task.source,
+        zip_dir=zip_dir(task),
+        data_dir=task.data_dir,
+        download=task.download,
+        dtype="uint8",
+    )
     train = Omniglot(split="train", **{**common, "shots": task.train_shots or task.shots})
     test = Omniglot(split=task.eval_split, **common)
-    return Setup(model.init(key, x0), classification_loss(model.apply),
-                 accuracy_metric(model.apply), train, test, model.apply,
-                 embedding=Embedding(embed.init(key, x0), embed.apply, task.ways), head="head")
+    return Setup(
+        model.init(key, x0),
+        classification_loss(model.apply),
+        accuracy_metric(model.apply),
+        train,
+        test,
+        model.apply,
+        embedding=Embedding(embed.init(key, x0), embed.apply, task.ways),
+        head="head",
+    )
 
 
 def _check(task: OmniglotTask) -> None:
@@ -103,6 +118,8 @@ def _check(task: OmniglotTask) -> None:
 
         folder = Path(zip_dir(task))
         if not any((folder / f"{stem}.zip").is_file() for stem in ZIP_SPLITS):
-            raise ConfigError(f"Omniglot folder {folder} holds none of the official zips "
-                              f"({', '.join(s + '.zip' for s in ZIP_SPLITS)}): set "
-                              "task.zip_dir or $METAJAX_OMNIGLOT_DIR to their folder.")
+            raise ConfigError(
+                f"Omniglot folder {folder} holds none of the official zips "
+                f"({', '.join(s + '.zip' for s in ZIP_SPLITS)}): set "
+                "task.zip_dir or $METAJAX_OMNIGLOT_DIR to their folder."
+            )

@@ -49,12 +49,22 @@ def build(config: Config) -> Setup:
     def plot_fn(algo, meta_params, plots_dir):
         from metajax.run.plots import sinusoid_fit
 
-        return sinusoid_fit(algo, meta_params, model.apply, test, plots_dir,
-                            steps=(1, config.eval.inner_steps))
+        return sinusoid_fit(
+            algo, meta_params, model.apply, test, plots_dir, steps=(1, config.eval.inner_steps)
+        )
 
-    return Setup(params, mse_loss(model.apply), None, train, test, model.apply,
-                 head=f"Dense_{len(task.hidden)}", batch_fn=_column_batch,
-                 inputs_fn=_column, plot_fn=plot_fn)
+    return Setup(
+        params,
+        mse_loss(model.apply),
+        None,
+        train,
+        test,
+        model.apply,
+        head=f"Dense_{len(task.hidden)}",
+        batch_fn=_column_batch,
+        inputs_fn=_column,
+        plot_fn=plot_fn,
+    )
 
 
 def _column(x) -> jnp.ndarray:

@@ -123,6 +123,13 @@ def build(config: Config) -> Setup:
         prompts, lengths = translate.encode_prompts(list(query_sources), task.max_len)
         return jnp.asarray(prompts), jnp.asarray(lengths)
 
+    scorer = translate.translation_metrics(model.apply, task.decode_len)
+
+    def score_fn(adapted, query):
+        # chrF and exact match of greedy translations; bits per byte comes from metric_fn.
+        scores = scorer(adapted, query)
+        return {"chrf": scores["chrf"], "exact_match": scores["exact_match"]}
+
     common = dict(
         shots=task.shots,
         queries=task.queries,
@@ -141,4 +148,5 @@ def build(config: Config) -> Setup:
         batch_fn=batch_fn,
         inputs_fn=inputs_fn,
         outputs_fn=translate.to_strings,
+        score_fn=score_fn,
     )

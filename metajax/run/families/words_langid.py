@@ -28,15 +28,28 @@ def build(config: Config) -> Setup:
     model = TransformerClassifier(cfg, num_classes=task.ways, pad_id=words.PAD)
     x0 = jnp.zeros((1, task.max_len), jnp.int32)
     key = jax.random.key(seed)
-    common = dict(ways=task.ways, shots=task.shots, queries=task.queries, seed=seed,
-                  num_words=task.num_words, max_len=task.max_len)
+    common = dict(
+        ways=task.ways,
+        shots=task.shots,
+        queries=task.queries,
+        seed=seed,
+        num_words=task.num_words,
+        max_len=task.max_len,
+    )
     train = words.LanguageID(split="train", **common)
     test = words.LanguageID(split=task.eval_split, **common)
-    return Setup(model.init(key, x0), classification_loss(model.apply),
-                 accuracy_metric(model.apply), train, test, model.apply,
-                 embedding=_embedding(cfg, task, key, x0), head="head",
-                 batch_fn=lambda x, y: (tokens(x, task.max_len), jnp.asarray(y, jnp.int32)),
-                 inputs_fn=lambda x: tokens(x, task.max_len))
+    return Setup(
+        model.init(key, x0),
+        classification_loss(model.apply),
+        accuracy_metric(model.apply),
+        train,
+        test,
+        model.apply,
+        embedding=_embedding(cfg, task, key, x0),
+        head="head",
+        batch_fn=lambda x, y: (tokens(x, task.max_len), jnp.asarray(y, jnp.int32)),
+        inputs_fn=lambda x: tokens(x, task.max_len),
+    )
 
 
 def _embedding(cfg, task, key, x0) -> Embedding:

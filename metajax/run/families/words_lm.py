@@ -56,8 +56,7 @@ EVAL_KEYS = ("task.eval_split",)
 
 
 def check(task: WordsTask) -> None:
-    for name in ("shots", "queries", "ways", "num_words", "width", "depth", "heads",
-                 "mlp_width"):
+    for name in ("shots", "queries", "ways", "num_words", "width", "depth", "heads", "mlp_width"):
         if getattr(task, name) < 1:
             raise ConfigError(f"task.{name}={getattr(task, name)} must be >= 1.")
     if task.max_len < 3:
@@ -66,9 +65,14 @@ def check(task: WordsTask) -> None:
 
 def transformer_config(task: WordsTask) -> TransformerConfig:
     try:
-        return TransformerConfig(vocab_size=words.VOCAB_SIZE, width=task.width,
-                                 depth=task.depth, heads=task.heads, mlp_width=task.mlp_width,
-                                 max_len=task.max_len)
+        return TransformerConfig(
+            vocab_size=words.VOCAB_SIZE,
+            width=task.width,
+            depth=task.depth,
+            heads=task.heads,
+            mlp_width=task.mlp_width,
+            max_len=task.max_len,
+        )
     except ValueError as e:
         raise ConfigError(f"task: {e}") from None
 
@@ -90,18 +94,30 @@ def build(config: Config) -> Setup:
     def metric_fn(params, batch):
         tokens_, mask = batch
         # Bits per UTF-8 byte: every target's information (EOS included) over byte targets.
-        return {"bits_per_byte": words.bits_per_byte(model.apply(params, tokens_), tokens_,
-                                                     mask)}
+        return {"bits_per_byte": words.bits_per_byte(model.apply(params, tokens_), tokens_, mask)}
 
     def batch_fn(x, y=None):
         del y  # the targets are the next bytes
         t = tokens(x, task.max_len)
         return t, jnp.asarray(words.target_mask(np.asarray(t)))
 
-    common = dict(shots=task.shots, queries=task.queries, seed=seed, num_words=task.num_words,
-                  max_len=task.max_len)
+    common = dict(
+        shots=task.shots,
+        queries=task.queries,
+        seed=seed,
+        num_words=task.num_words,
+        max_len=task.max_len,
+    )
     train = words.LanguageModeling(split="train", **common)
     test = words.LanguageModeling(split=task.eval_split, **common)
-    return Setup(params, next_token_loss(model.apply), metric_fn, train, test, model.apply,
-                 head="head|embed", batch_fn=batch_fn,
-                 inputs_fn=lambda x: tokens(x, task.max_len))
+    return Setup(
+        params,
+        next_token_loss(model.apply),
+        metric_fn,
+        train,
+        test,
+        model.apply,
+        head="head|embed",
+        batch_fn=batch_fn,
+        inputs_fn=lambda x: tokens(x, task.max_len),
+    )
