@@ -158,6 +158,14 @@ class Config:
 SCHEDULES = ("constant", "linear", "cosine")
 
 
+def require_positive(section: Any, *names: str, prefix: str = "task") -> None:
+    """Raises :class:`ConfigError` naming the first of ``names`` whose value is below 1."""
+    for name in names:
+        value = getattr(section, name)
+        if value < 1:
+            raise ConfigError(f"{prefix}.{name}={value} must be >= 1.")
+
+
 def validate(config: Config) -> None:
     """Range checks of the runner's own sections (the family checks ``task``)."""
     tc, ec, oc, ac = config.train, config.eval, config.optimizer, config.algorithm

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from metajax.models.convnet import ConvNet, ConvNetConfig
 from metajax.models.losses import accuracy_metric, classification_loss
-from metajax.run.config import Config, ConfigError
+from metajax.run.config import Config, ConfigError, require_positive
 from metajax.run.setup import Embedding, Setup
 
 # The offline zips shipped beside the repository (8 background alphabets).
@@ -106,9 +106,7 @@ def build(config: Config) -> Setup:
 
 
 def _check(task: OmniglotTask) -> None:
-    for name in ("ways", "shots", "queries", "filters"):
-        if getattr(task, name) < 1:
-            raise ConfigError(f"task.{name}={getattr(task, name)} must be >= 1.")
+    require_positive(task, "ways", "shots", "queries", "filters")
     if task.train_shots < 0:
         raise ConfigError(f"task.train_shots={task.train_shots} must be >= 0 (0: task.shots).")
     if task.source not in ("zips", "tfds"):

@@ -10,7 +10,7 @@ import numpy as np
 
 from metajax.models.losses import mse_loss
 from metajax.models.mlp import MLP
-from metajax.run.config import Config, ConfigError
+from metajax.run.config import Config, ConfigError, require_positive
 from metajax.run.setup import Setup
 from metajax.tasks.sinusoid import Sinusoid
 
@@ -35,9 +35,7 @@ TaskConfig = SinusoidTask
 
 def build(config: Config) -> Setup:
     task: SinusoidTask = config.task
-    for name in ("shots", "queries"):
-        if getattr(task, name) < 1:
-            raise ConfigError(f"task.{name}={getattr(task, name)} must be >= 1.")
+    require_positive(task, "shots", "queries")
     if not task.hidden or min(task.hidden) < 1:
         raise ConfigError(f"task.hidden={task.hidden}: give one or more widths >= 1.")
     seed = config.train.seed

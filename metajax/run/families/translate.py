@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from metajax.models.losses import next_token_loss
 from metajax.models.transformer import TransformerConfig, TransformerLM
-from metajax.run.config import Config, ConfigError
+from metajax.run.config import Config, ConfigError, require_positive
+from metajax.run.families import words_lm
 from metajax.run.setup import Setup
 from metajax.tasks import translate, words
 
@@ -70,9 +71,7 @@ def check(task: TaskConfig) -> None:
         raise ConfigError(f"task.kinds={task.kinds!r}: choose from {translate.KINDS}.")
     if len(set(task.kinds)) != len(task.kinds):
         raise ConfigError(f"task.kinds={task.kinds!r}: a kind is repeated.")
-    for name in ("shots", "queries", "width", "depth", "heads", "mlp_width"):
-        if getattr(task, name) < 1:
-            raise ConfigError(f"task.{name}={getattr(task, name)} must be >= 1.")
+    require_positive(task, "shots", "queries", "width", "depth", "heads", "mlp_width")
     if task.max_len < 5:
         raise ConfigError(f"task.max_len={task.max_len} must be >= 5 (BOS, SEP, END, 2 bytes).")
     if not 1 <= task.decode_len <= task.max_len - 3:
@@ -84,17 +83,7 @@ def check(task: TaskConfig) -> None:
 
 
 def transformer_config(task: TaskConfig) -> TransformerConfig:
-    try:
-        return TransformerConfig(
-            vocab_size=translate.VOCAB_SIZE,
-            width=task.width,
-            depth=task.depth,
-            heads=task.heads,
-            mlp_width=task.mlp_width,
-            max_len=task.max_len,
-        )
-    except ValueError as e:
-        raise ConfigError(f"task: {e}") from None
+    return words_lm.transformer_config(task, translate.VOCAB_SIZE)
 
 
 def build(config: Config) -> Setup:

@@ -33,7 +33,7 @@ import optax
 from metajax import lora as lora_lib
 from metajax.models.gpt2 import GPT2_SIZES, GPT2LM, GPT2Config
 from metajax.models.losses import next_token_loss, next_token_metrics
-from metajax.run.config import Config, ConfigError
+from metajax.run.config import Config, ConfigError, require_positive
 from metajax.run.setup import Setup
 from metajax.tasks import words
 from metajax.types import Task
@@ -153,9 +153,7 @@ class GPT2WordTasks:
 
 def check(task: GPT2WordsTask) -> None:
     """Range checks of the task's values that need no files."""
-    for name in ("shots", "queries", "num_words"):
-        if getattr(task, name) < 1:
-            raise ConfigError(f"task.{name}={getattr(task, name)} must be >= 1.")
+    require_positive(task, "shots", "queries", "num_words")
     if task.max_len < 3:
         raise ConfigError(f"task.max_len={task.max_len} must be >= 3 (start, a token, end).")
     if task.eval_split not in ("validation", "test"):

@@ -17,7 +17,7 @@ import numpy as np
 
 from metajax.models.losses import next_token_loss
 from metajax.models.transformer import TransformerConfig, TransformerLM
-from metajax.run.config import Config, ConfigError
+from metajax.run.config import Config, ConfigError, require_positive
 from metajax.run.setup import Setup
 from metajax.tasks import words
 
@@ -56,25 +56,24 @@ EVAL_KEYS = ("task.eval_split",)
 
 
 def check(task: WordsTask) -> None:
-    for name in ("shots", "queries", "ways", "num_words", "width", "depth", "heads", "mlp_width"):
-        if getattr(task, name) < 1:
-            raise ConfigError(f"task.{name}={getattr(task, name)} must be >= 1.")
+    require_positive(
+        task, "shots", "queries", "ways", "num_words", "width", "depth", "heads", "mlp_width"
+    )
     if task.max_len < 3:
         raise ConfigError(f"task.max_len={task.max_len} must be >= 3 (BOS, a byte, EOS).")
 
 
-def transformer_config(task: WordsTask) -> TransformerConfig:
-    try:
-        return TransformerConfig(
-            vocab_size=words.VOCAB_SIZE,
-            width=task.width,
-            depth=task.depth,
-            heads=task.heads,
-            mlp_width=task.mlp_width,
-            max_len=task.max_len,
-        )
-    except ValueError as e:
-        raise ConfigError(f"task: {e}") from None
+def transformer_config(task, vocab_size: int = words.VOCAB_SIZE) -> TransformerConfig:
+    """The Transformer of a task config with ``width``, ``depth``, ``heads``, ``mlp_width`` and
+    ``max_len`` fields (a refused size becomes a config error in ``build``)."""
+    return TransformerConfig(
+        vocab_size=vocab_size,
+        width=task.width,
+        depth=task.depth,
+        heads=task.heads,
+        mlp_width=task.mlp_width,
+        max_len=task.max_len,
+    )
 
 
 def tokens(x, max_len: int) -> jnp.ndarray:
