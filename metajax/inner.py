@@ -446,15 +446,12 @@ def _lr_schedule(lr: Any, params: Params, steps: int, flags: list[bool]):
             f"{jax.tree.structure(lr)} vs {jax.tree.structure(params)}."
         )
     rates = [r for f, r in zip(flags, jax.tree.leaves(lr)) if f]
-    per_step = []
     for r, p in zip(rates, active):
-        if jnp.ndim(r) == jnp.ndim(p) + 1:
+        if jnp.ndim(r) == jnp.ndim(p) + 1:  # per step: see rate_at
             if jnp.shape(r)[0] != steps:
                 raise ValueError(f"per-step lr leaf has {jnp.shape(r)[0]} steps, expected {steps}.")
-            per_step.append(True)
             trailing = jnp.shape(r)[1:]
         else:
-            per_step.append(False)
             trailing = jnp.shape(r)
         try:
             np.broadcast_shapes(trailing, jnp.shape(p))
@@ -463,4 +460,11 @@ def _lr_schedule(lr: Any, params: Params, steps: int, flags: list[bool]):
                 f"lr leaf of shape {jnp.shape(r)} does not broadcast to its parameter's "
                 f"shape {jnp.shape(p)}."
             ) from None
-    return lambda k: [r[k] if s else r for r, s in zip(rates, per_step)]
+    return lambda k: [rate_at(r, p, k) for r, p in zip(rates, active)]
+
+
+def rate_at(rate: Any, param: Any, k: Any) -> jax.Array:
+    """One leaf's learning rate at inner step ``k``: a rate with one more axis than its
+    parameter is per step (indexed by ``k``); any other rate broadcasts to the parameter."""
+    rate = jnp.asarray(rate)  # host (numpy) rates cannot be indexed by a traced k
+    return rate[k] if rate.ndim == jnp.ndim(param) + 1 else rate

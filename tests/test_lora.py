@@ -7,7 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from toy import central_differences, mlp_init, mse_loss, rel_error, sine_tasks, take_task
+from toy import (
+    central_differences,
+    counting_tasks,
+    mlp_init,
+    mse_loss,
+    rel_error,
+    sine_tasks,
+    take_task,
+)
 
 import metajax as mj
 from metajax import lora as mjl
@@ -30,13 +38,7 @@ def lm_params(seed=0):
 
 
 def lm_tasks(seed, num_tasks=2, batch=3, seq=6):
-    """Counting tasks: each task steps through the ids with its own stride."""
-    rng = np.random.default_rng(seed)
-    stride = rng.integers(1, 10, (num_tasks, 1, 1, 1))
-    start = rng.integers(0, 10, (num_tasks, 2, batch, 1))
-    tokens = ((start + stride * np.arange(seq)) % 10 + 1).astype(np.int32)
-    mask = np.ones(tokens.shape, bool)
-    return mj.Task(support=(tokens[:, 0], mask[:, 0]), query=(tokens[:, 1], mask[:, 1]))
+    return counting_tasks(seed, num_tasks, batch, seq)
 
 
 def with_random_b(meta, key, scale=0.3):

@@ -7,7 +7,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from toy import rel_error
+from toy import one_step_maml_objective, rel_error
 
 import metajax as mj
 from metajax.models import ConvNet, ConvNetConfig, PureNorm, classification_loss
@@ -96,13 +96,7 @@ def test_maml_meta_grad_matches_directional_finite_differences_float64():
         params = host_params(model, x[0, :n], seed=5)
         loss_fn = classification_loss(model.apply)
 
-        def objective(p):  # the MAML objective written plainly, without metajax
-            def one_task(task):
-                g = jax.grad(loss_fn)(p, task.support)
-                adapted = jax.tree.map(lambda a, b: a - lr * b, p, g)
-                return loss_fn(adapted, task.query)
-
-            return jnp.mean(jax.vmap(one_task)(tasks))
+        objective = one_step_maml_objective(loss_fn, tasks, lr)
 
         algo = mj.maml(loss_fn, inner_steps=1, inner_lr=lr)
         grads, metrics = jit(algo.meta_grad)(params, tasks)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from toy import counting_tasks, one_step_maml_objective
 
 import metajax as mj
 from metajax.models import (
@@ -224,18 +225,6 @@ def test_vmap_over_tasks_and_remat_match_a_loop_and_no_remat():
     assert np.abs(g["params"]["h_0"]["attn"]["c_attn"]["kernel"]).max() > 1e-3
 
 
-def lm_tasks(seed, num_tasks, batch, seq, vocab):
-    """Next-token tasks: each task counts in steps of its own stride from random starts, so
-    support and query share a rule to adapt to. Returns tokens and all-true masks."""
-    rng = np.random.default_rng(seed)
-    stride = rng.integers(1, vocab, (num_tasks, 2, 1, 1))
-    stride[:, 1] = stride[:, 0]
-    start = rng.integers(0, vocab, (num_tasks, 2, batch, 1))
-    tokens = ((start + stride * np.arange(seq)) % vocab).astype(np.int32)
-    mask = np.ones(tokens.shape, bool)
-    return mj.Task(support=(tokens[:, 0], mask[:, 0]), query=(tokens[:, 1], mask[:, 1]))
-
-
 def test_second_order_maml_matches_finite_differences_float64():
     lr, eps = 0.1, 1e-6
     with jax.enable_x64(True):
@@ -259,16 +248,10 @@ def test_second_order_maml_matches_finite_differences_float64():
             shapes,
         )
         loss_fn = next_token_loss(model.apply)
-        tasks = lm_tasks(9, num_tasks=2, batch=2, seq=6, vocab=11)
+        tasks = counting_tasks(9, num_tasks=2, batch=2, seq=6, vocab=11)
         grads, metrics = jit(mj.maml(loss_fn, inner_steps=1, inner_lr=lr).meta_grad)(params, tasks)
 
-        def objective(p):  # the MAML objective written plainly, without metajax
-            def one_task(task):
-                g = jax.grad(loss_fn)(p, task.support)
-                adapted = jax.tree.map(lambda a, b: a - lr * b, p, g)
-                return loss_fn(adapted, task.query)
-
-            return jnp.mean(jax.vmap(one_task)(tasks))
+        objective = one_step_maml_objective(loss_fn, tasks, lr)
 
         # A few coordinates in different kinds of leaves, and one random direction over all.
         flat, unravel = jax.flatten_util.ravel_pytree(params)

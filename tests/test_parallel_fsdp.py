@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
+from toy import counting_tasks
 
 import metajax as mj
 from metajax import parallel
@@ -28,12 +29,7 @@ def lm_params():
 
 
 def lm_tasks(num_tasks=8, batch=2, seq=6):
-    rng = np.random.default_rng(0)
-    stride = rng.integers(1, 10, (num_tasks, 1, 1, 1))
-    start = rng.integers(0, 10, (num_tasks, 2, batch, 1))
-    tokens = ((start + stride * np.arange(seq)) % 10 + 1).astype(np.int32)
-    mask = np.ones(tokens.shape, bool)
-    return mj.Task(support=(tokens[:, 0], mask[:, 0]), query=(tokens[:, 1], mask[:, 1]))
+    return counting_tasks(0, num_tasks, batch, seq)
 
 
 def get(tree, path):

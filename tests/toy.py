@@ -3,6 +3,7 @@
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 
 from metajax import Task
 
@@ -56,3 +57,29 @@ def rel_error(a, b):
     fa, _ = jax.flatten_util.ravel_pytree(a)
     fb, _ = jax.flatten_util.ravel_pytree(b)
     return float(jnp.linalg.norm(fa - fb) / jnp.linalg.norm(fb))
+
+
+def counting_tasks(seed, num_tasks=2, batch=3, seq=6, vocab=11):
+    """Next-token tasks over ids ``1 .. vocab - 1``: each task counts with its own stride from
+    random starts, so support and query share a rule to adapt to; all-true masks."""
+    rng = np.random.default_rng(seed)
+    stride = rng.integers(1, vocab - 1, (num_tasks, 1, 1, 1))
+    start = rng.integers(0, vocab - 1, (num_tasks, 2, batch, 1))
+    tokens = ((start + stride * np.arange(seq)) % (vocab - 1) + 1).astype(np.int32)
+    mask = np.ones(tokens.shape, bool)
+    return Task(support=(tokens[:, 0], mask[:, 0]), query=(tokens[:, 1], mask[:, 1]))
+
+
+def one_step_maml_objective(loss_fn, tasks, lr):
+    """The one-inner-step MAML objective written plainly, without metajax: the reference that
+    finite differences of a meta-gradient are taken of."""
+
+    def objective(p):
+        def one_task(task):
+            g = jax.grad(loss_fn)(p, task.support)
+            adapted = jax.tree.map(lambda a, b: a - lr * b, p, g)
+            return loss_fn(adapted, task.query)
+
+        return jnp.mean(jax.vmap(one_task)(tasks))
+
+    return objective

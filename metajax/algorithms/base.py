@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metajax.inner import adapt_trace, check_learning_rate
+from metajax.inner import adapt_trace, check_learning_rate, rate_at
 from metajax.types import Batch, LossFn, MetricFn, Params, PyTree, Task
 
 MetaParams = PyTree
@@ -316,9 +316,7 @@ def learned_rate_optimizer(
         del params
 
         def scale(r, u):
-            r = jnp.asarray(r)  # host (numpy) rates cannot be indexed by a traced count
-            r = r[count] if r.ndim == jnp.ndim(u) + 1 else r
-            return (r * u).astype(u.dtype)
+            return (rate_at(r, u, count) * u).astype(u.dtype)
 
         return jax.tree.map(scale, rates, updates), count + 1
 
