@@ -192,3 +192,13 @@ def test_a_model_mesh_trains_like_one_device_and_resumes(tmp_path):
     assert _train(b, "train.steps=4", "train.devices=1", "eval.after_train=false") == 0
     pa, pb = predict.load(a).meta_params, predict.load(b).meta_params
     chex.assert_trees_all_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_an_allowed_change_that_no_longer_fits_the_checkpoint_is_one_line(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert _train(workdir, "train.steps=2", "eval.after_train=false") == 0
+    capsys.readouterr()
+    code = _train(workdir, "train.steps=4", "task.hidden=(16,)", extra=["--allow-changes"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "Dense_0/bias has shape (8,) there, (16,) here" in err

@@ -28,8 +28,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=create, enable_async_checkpointing=False
         )
+        handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "config")
+            self.directory, options=options, item_handlers=handlers
         )
 
     def latest_step(self) -> int | None:
@@ -50,20 +51,14 @@ class Checkpointer:
             algorithm or optimizer), named in one line.
         """
         step = self.latest_step() if step is None else step
+        _check_fits(self.manager.item_metadata(step)["state"], like, step, self.directory)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             like,
         )
-        try:
-            out = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(
-                f"the checkpoint at step {step} in {self.directory} does not fit "
-                f"this config's train state ({first[:200]})."
-            ) from None
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )
         return out.state
 
     def config(self, step: int | None = None) -> dict | None:
@@ -80,3 +75,29 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _check_fits(stored, like, step: int, directory: Path) -> None:
+    """Compares the stored tree's paths and shapes with ``like`` before orbax reads anything:
+    one line naming the first difference, instead of orbax's error and its advice."""
+    want = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(like)[0]}
+    have = {
+        _path(p): tuple(getattr(x, "shape", ()))
+        for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]
+    }
+    where = f"the checkpoint at step {step} in {directory} does not fit this config's train state"
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    if missing or extra:
+        raise ConfigError(
+            f"{where}: {'missing ' + missing[0] if missing else 'extra ' + extra[0]}"
+            f" ({len(missing)} missing, {len(extra)} extra leaves)."
+        )
+    for key, shape in want.items():
+        if have[key] != shape:
+            raise ConfigError(f"{where}: {key} has shape {have[key]} there, {shape} here.")
+
+
+def _path(key_path) -> str:
+    # A NamedTuple field and the dict key orbax stores it under name the same leaf.
+    parts = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in key_path)
+    return "/".join(str(p) for p in parts)
