@@ -1,6 +1,6 @@
 """Benchmark cases: a model, its loss, and a fixed meta-batch of tasks.
 
-The standard case (issue 7): a decoder Transformer with 2 layers, width 128, 4 heads,
+The standard case: a decoder Transformer with 2 layers, width 128, 4 heads,
 MLP 512, sequence length 32 and vocabulary 64; 8 tasks of 5 support and 15 query
 sequences; 5 inner SGD steps at 0.1; outer Adam. Plus the Omniglot ConvNet 5-way and
 20-way 1-shot cases on images of the Omniglot episode shape.

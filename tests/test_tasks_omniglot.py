@@ -33,7 +33,7 @@ needs_zips = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """The real small zips prepared once per session (about 5 s)."""
+    """The real small zips, prepared once for the whole test run."""
     if not all((ZIP_DIR / z).exists() for z in SMALL):
         pytest.skip(f"Omniglot small zips not in {ZIP_DIR}")
     path = tmp_path_factory.mktemp("tfds")
@@ -256,6 +256,6 @@ def test_full_zip_names_and_stale_build_warning(data_dir, tmp_path):
         "train": "images_background.zip",
         "test": "images_evaluation.zip",
     }
-    # The session's build has small1/small2 only: pointing it at a folder with more warns.
+    # The shared fixture's build has small1/small2 only: pointing it at a folder with more warns.
     with pytest.warns(UserWarning, match=r"without splits \['test', 'train'\]"):
         ob.prepare(tmp_path, data_dir)

@@ -170,8 +170,6 @@ def make_algorithm(cfg: AlgorithmConfig, setup: Setup, extra: dict | None = None
                 "takes no inner optimizer."
             )
         kwargs.update(inner_rule(cfg))
-    elif "inner_lr" not in accepted:
-        kwargs.pop("inner_lr", None)
     if "metric_fn" in accepted and not spec.metric_based:
         kwargs["metric_fn"] = setup.metric_fn
     if setup.inner_mask is not None:  # ANIL restricts its inner loop by `head` instead
