@@ -197,6 +197,31 @@ def generic(runs: Path, prefix: str, metric: str, steps: tuple[int, ...], scale=
         print(f"| {run.name} | {r['curve'][-1]['step']} | {cells} | {final} | {wall} |")
 
 
+def adaptation_plot(runs: Path, names: dict[str, str], metrics: dict[str, str], path: str) -> None:
+    """Held-out metrics against adaptation steps (95% bands), one panel per metric.
+
+    Skipped when none of the runs is in ``runs`` (the committed figure stays)."""
+    found = [(label, r) for label, name in names.items() if (r := load(runs / name)) is not None]
+    if not found:
+        return
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8))
+    for ax, (metric, ylabel) in zip(np.atleast_1d(axes), metrics.items(), strict=True):
+        for label, r in found:
+            if metric not in r["metrics"]:
+                continue
+            mean, ci = (np.array(r["metrics"][metric][k]) for k in ("mean", "ci95"))
+            steps = np.arange(len(mean))
+            (line,) = ax.plot(steps, mean, "o-", ms=3, label=label)
+            ax.fill_between(steps, mean - ci, mean + ci, color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("adaptation steps on the support pairs")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / path, dpi=80)
+    plt.close(fig)
+
+
 def main(runs: Path) -> None:
     OUT.mkdir(exist_ok=True)
     print("## sinusoid\n")
@@ -267,6 +292,37 @@ def main(runs: Path) -> None:
             f"words_langid_5w{shots}s_first_vs_second_order.png",
             f"Language ID, 5-way {shots}-shot",
         )
+    print("\n## fewrel\n")
+    generic(runs, "fewrel", "accuracy", (0, 1, 5, 10), scale=100)
+    order_plot(
+        runs,
+        {
+            "MAML (2nd order)": "fewrel_5w1s_maml",
+            "FOMAML": "fewrel_5w1s_fomaml",
+            "ProtoNets": "fewrel_5w1s_protonets",
+        },
+        "accuracy_after",
+        "fewrel_5w1s_first_vs_second_order.png",
+        "FewRel 5-way 1-shot, meta-trained on Wikipedia and web text, tested on news",
+    )
+    print("\n## translate\n")
+    for metric in ("chrf", "bits_per_byte"):
+        generic(runs, "translate", metric, (0, 1, 5, 10))
+    adaptation_plot(
+        runs,
+        {
+            f"{label}, K = {k}": f"translate_{k}_{algo}"
+            for k in (8, 32)
+            for label, algo in (
+                ("MAML (2nd order)", "maml"),
+                ("FOMAML", "fomaml"),
+                ("Reptile", "reptile"),
+                ("multilingual baseline", "pretrain"),
+            )
+        },
+        {"chrf": "chrF of greedy translations (0-100)", "bits_per_byte": "bits per target byte"},
+        "translate_chrf_vs_steps.png",
+    )
 
 
 if __name__ == "__main__":

@@ -60,10 +60,12 @@ def adapt(
         ``d adapted / d params`` becomes the identity.
       remat: recompute each inner step in the backward pass instead of storing
         its activations; the backward pass then holds one step's activations
-        plus the inner-loop state (parameters, optimizer state) at
-        ``O(sqrt(steps))`` points: steps are checkpointed in segments of about
-        ``sqrt(steps)`` once that saves memory, at the price of one more forward
-        pass of the inner loop. With ``unroll=True`` each checkpoint is a
+        plus the inner-loop state (parameters, optimizer state) at a few
+        points: the scan checkpoints nested segments up to three levels deep
+        (about ``3 steps ** (1/3)`` states, 10 at 50 steps), the unrolled loop
+        segments of about ``sqrt(steps)``, each where it saves memory, at the
+        price of one more forward pass of the inner loop per level. With
+        ``unroll=True`` each checkpoint is a
         ``jax.custom_vjp`` (see :func:`_tied_checkpoint`), which supports reverse
         mode (``jax.grad``, ``jax.vjp``, grad of grad) but not ``jax.jvp``; use
         ``unroll=False`` for forward mode.
@@ -199,11 +201,11 @@ def adapt_trace(
 def _run_scanned(step: Callable, carry: Any, steps: int, *, remat: bool, trace) -> tuple:
     """``steps`` calls of ``step(carry, k)`` in a ``lax.scan``; returns (carry, stacked trace).
 
-    With ``remat`` each step is a ``jax.checkpoint`` and, when
-    :func:`_segment_length` says it pays, segments of steps are checkpointed
-    too (Griewank's sqrt checkpointing): an outer scan over segments keeps one
-    state per segment, and the backward pass of a segment recomputes the
-    states of its steps. The recomputation lives inside the backward loop's
+    With ``remat`` each step is a ``jax.checkpoint`` and, where :func:`_schedule` says it
+    pays, runs of steps are checkpointed too, up to :data:`SCAN_LEVELS` levels deep
+    (Griewank's nested checkpointing): an outer scan over segments keeps one state per
+    segment, and the backward pass of a segment recomputes the states of its sub-segments,
+    and so on down to single steps. The recomputation lives inside the backward loop's
     body, so XLA cannot schedule it early.
     """
     first = trace(carry) if trace else None
@@ -213,20 +215,21 @@ def _run_scanned(step: Callable, carry: Any, steps: int, *, remat: bool, trace) 
         c = one_step(c, k)
         return c, (trace(c) if trace else None)
 
-    def scan(c, ks):
-        return jax.lax.scan(body, c, ks)
-
-    seg = _segment_length(steps) if remat else max(steps, 1)
-    if seg >= steps:
-        carry, rest = scan(carry, jnp.arange(steps))
-    else:
-        n_seg, tail = divmod(steps, seg)
-        ks = jnp.arange(n_seg * seg).reshape(n_seg, seg)
-        carry, rest = jax.lax.scan(jax.checkpoint(scan), carry, ks)
-        rest = jax.tree.map(lambda x: x.reshape(n_seg * seg, *x.shape[2:]), rest)
+    def run(c, ks, levels):
+        n = ks.shape[0]
+        seg = _schedule(n, levels)[1] if remat else n
+        if seg >= n:
+            return jax.lax.scan(body, c, ks)
+        n_seg, tail = divmod(n, seg)
+        segment = jax.checkpoint(lambda c, seg_ks: run(c, seg_ks, levels - 1))
+        c, out = jax.lax.scan(segment, c, ks[: n_seg * seg].reshape(n_seg, seg))
+        out = jax.tree.map(lambda x: x.reshape(n_seg * seg, *x.shape[2:]), out)
         if tail:
-            carry, more = scan(carry, jnp.arange(n_seg * seg, steps))
-            rest = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), rest, more)
+            c, more = run(c, ks[n_seg * seg :], levels - 1)
+            out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, more)
+        return c, out
+
+    carry, rest = run(carry, jnp.arange(steps), SCAN_LEVELS)
     if not trace:
         return carry, None
     return carry, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
@@ -235,8 +238,8 @@ def _run_scanned(step: Callable, carry: Any, steps: int, *, remat: bool, trace) 
 def _run_unrolled(step: Callable, carry: Any, steps: int, *, remat: bool, trace) -> tuple:
     """``steps`` calls of ``step(carry, k)`` unrolled in Python, ``k`` a Python int.
 
-    With ``remat``, the same checkpoint schedule as :func:`_run_scanned`, each
-    checkpoint a :func:`_tied_checkpoint`.
+    With ``remat``, the schedule of :func:`_schedule` two levels deep (segments, then
+    steps), each checkpoint a :func:`_tied_checkpoint`.
     """
     traces = [trace(carry)] if trace else []
 
@@ -249,7 +252,7 @@ def _run_unrolled(step: Callable, carry: Any, steps: int, *, remat: bool, trace)
                 outs.append(trace(c))
         return c, outs
 
-    seg = _segment_length(steps) if remat else max(steps, 1)
+    seg = _schedule(steps, UNROLLED_LEVELS)[1] if remat else max(steps, 1)
     n_seg = steps // seg if seg < steps else 0
     for s in range(n_seg):
         segment = functools.partial(run, ks=range(s * seg, (s + 1) * seg))
@@ -260,23 +263,36 @@ def _run_unrolled(step: Callable, carry: Any, steps: int, *, remat: bool, trace)
     return carry, (jax.tree.map(lambda *xs: jnp.stack(xs), *traces) if trace else None)
 
 
-def _segment_length(steps: int) -> int:
-    """Steps per checkpointed segment: the length that keeps the fewest inner-loop states.
+# Checkpoint levels: the scan nests three (each level costs one more forward pass of the
+# inner loop and keeps about steps ** (1 / levels) states per level); the unrolled form two,
+# since its program grows with every level.
+SCAN_LEVELS, UNROLLED_LEVELS = 3, 2
 
-    The backward pass keeps one state per segment, one per step left over
-    after the last whole segment, and one per step of the segment being
-    differentiated: ``steps // seg + steps % seg + seg``, about
-    ``2 sqrt(steps)``. Returns ``steps`` (no segments) when that saves nothing.
-    Schedules that would leave a loop of one iteration (one segment, or one
-    left-over step) are skipped: XLA inlines such a loop, and the
-    recomputation inside it could then be scheduled early.
+
+@functools.cache
+def _schedule(steps: int, levels: int) -> tuple[int, int]:
+    """``(states kept, segment length)``: the segmentation of ``steps`` checkpointed steps,
+    at most ``levels`` deep, that keeps the fewest inner-loop states in the backward pass.
+
+    A schedule of segments of ``seg`` steps keeps one state per segment while it
+    differentiates one segment or the left-over tail, each scheduled one level shallower:
+    ``steps // seg + max(kept(seg), kept(tail))``; one level keeps every step's state. The
+    segment length is ``steps`` (no segments) when splitting saves nothing, and the fewest
+    levels win ties. Schedules that would leave a loop of one iteration (one segment, or one
+    left-over step) are skipped: XLA inlines such a loop, and the recomputation inside it
+    could then be scheduled early.
     """
-    best, best_cost = max(steps, 1), steps
+    best = (steps, steps)
+    if levels <= 1:
+        return best
     for seg in range(2, steps):
         n_seg, tail = divmod(steps, seg)
-        cost = n_seg + tail + seg
-        if n_seg >= 2 and tail != 1 and cost < best_cost:
-            best, best_cost = seg, cost
+        if n_seg < 2 or tail == 1:
+            continue
+        inner = _schedule(seg, levels - 1)[0]
+        kept = n_seg + max(inner, _schedule(tail, levels - 1)[0] if tail else 0)
+        if kept < best[0]:
+            best = (kept, seg)
     return best
 
 

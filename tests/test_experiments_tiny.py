@@ -150,6 +150,15 @@ def test_translate_tiny_reports_chrf(tmp_path):
     assert set(metrics) >= {"loss", "bits_per_byte", "chrf", "exact_match"}
     assert all(0.0 <= c <= 100.0 for c in metrics["chrf"]["mean"])
     assert metrics["loss"]["mean"][2] < metrics["loss"]["mean"][0]
+    # Validation languages, without the greedy decoding: the same losses' kind, no chrF.
+    out = tmp_path / "val.json"
+    args = ["eval", "--workdir", str(tmp_path / "tr"), "--output", str(out), *QUIET]
+    sets = ["--set", "task.eval_split=validation", "eval.scores=false"]
+    assert cli.main(args + sets) == 0
+    val = json.loads(out.read_text())
+    assert set(val["metrics"]) == {"loss", "bits_per_byte"}
+    assert val["config"]["task"]["eval_split"] == "validation"
+    assert val["metrics"]["loss"]["mean"] != metrics["loss"]["mean"]
 
 
 FEWREL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fewrel"

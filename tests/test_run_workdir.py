@@ -92,6 +92,25 @@ def test_eval_reads_the_workdir_config(tmp_path, capsys):
     )
 
 
+def test_eval_of_a_chosen_checkpoint_into_another_file(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert _train(workdir, "train.steps=4") == 0
+    test_eval = (workdir / "eval.json").read_text()
+    out = tmp_path / "step2.json"
+    assert cli.main(["eval", "--workdir", str(workdir), "--step", "2", "--output", str(out)]) == 0
+    early = json.loads(out.read_text())
+    assert early["checkpoint_step"] == 2 and (workdir / "eval.json").read_text() == test_eval
+    # Two meta-steps fewer give another held-out loss: the older parameters were restored.
+    later = json.loads(test_eval)["metrics"]["loss"]["mean"]
+    assert early["metrics"]["loss"]["mean"] != pytest.approx(later, rel=1e-6)
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", str(workdir), "--step", "3"]) == 2
+    assert "no checkpoint at step 3" in capsys.readouterr().err
+    missing = tmp_path / "nowhere" / "e.json"
+    assert cli.main(["eval", "--workdir", str(workdir), "--output", str(missing)]) == 2
+    assert "not a file in an existing folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("sets", "message"),
     [

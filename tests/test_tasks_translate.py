@@ -134,6 +134,18 @@ def test_greedy_decoding_on_known_logits():
     long = greedy_decode(apply_fn, 1.0, prompts, lengths, steps=10, end_id=-1, pad_id=T.PAD)
     assert (long[0] != T.PAD).sum() == 8 and (long[2] != T.PAD).sum() == 10
     assert long[2, 0] == T.BOS  # nothing banned here
+    # The loop stops once every row has ended: "hi END" and "ä END" take 3 forward passes.
+    calls = []
+
+    def counting_apply(params, tokens):
+        jax.debug.callback(lambda: calls.append(1))
+        return apply_fn(params, tokens)
+
+    ended = jax.jit(functools.partial(T.greedy_translate, counting_apply, steps=40))(
+        jnp.float32(1.0), prompts[:2], lengths[:2]
+    )
+    jax.effects_barrier()
+    assert len(calls) == 3 and (np.asarray(ended)[:, 3:] == T.PAD).all()
     assert bytes_to_strings(np.array([[104, 105, 7, 106]]), end_id=7) == ["hi"]
 
 

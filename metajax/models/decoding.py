@@ -1,10 +1,10 @@
-"""Greedy decoding for a byte-level decoder LM: fixed shapes, one ``lax.fori_loop``, jittable.
+"""Greedy decoding for a byte-level decoder LM: fixed shapes, one ``lax.while_loop``, jittable.
 
 A prompt is a right-padded token row whose first ``prompt_length`` tokens are given (for
 translation ``BOS source SEP``). Each of ``steps`` iterations runs the model on the whole
 fixed-width buffer, takes the argmax of the logits at the last filled position, and writes it
 into the next slot. A row stops at ``end_id`` (which is emitted) or when its buffer is full;
-after that it emits ``pad_id``. There is no key-value cache: each step costs one full forward
+after that it emits ``pad_id``; the loop ends as soon as every row has stopped. There is no key-value cache: each step costs one full forward
 pass over the buffer, which keeps every shape static and the code model-agnostic (any
 ``apply_fn(params, tokens) -> logits`` of a causal model works, LoRA or adapted parameters
 included).
@@ -70,8 +70,8 @@ def greedy_decode(
     lengths = jnp.asarray(prompt_lengths, jnp.int32)
     banned = jnp.asarray(tuple(banned_ids), jnp.int32)
 
-    def body(i, carry):
-        buffer, out, done = carry
+    def body(carry):
+        i, buffer, out, done = carry
         write = lengths + i  # the slot this step fills
         logits = apply_fn(params, buffer)
         read = jnp.clip(write - 1, 0, width - 1)[:, None, None]
@@ -83,14 +83,20 @@ def greedy_decode(
         token = jnp.where(live, token, pad_id)
         buffer = jnp.where((slots[None] == write[:, None]) & live[:, None], token[:, None], buffer)
         out = out.at[:, i].set(token)
-        return buffer, out, done | ~live | (token == end_id)
+        return i + 1, buffer, out, done | ~live | (token == end_id)
+
+    def more(carry):
+        # Once every row has ended, the remaining slots stay pad_id: stop there.
+        i, _, _, done = carry
+        return (i < steps) & ~jnp.all(done)
 
     init = (
+        jnp.int32(0),
         jnp.asarray(prompts, jnp.int32),
         jnp.full((n, steps), pad_id, jnp.int32),
         jnp.zeros((n,), bool),
     )
-    return jax.lax.fori_loop(0, steps, body, init)[1]
+    return jax.lax.while_loop(more, body, init)[2]
 
 
 def bytes_to_strings(generated, end_id: int) -> list[str]:

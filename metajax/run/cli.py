@@ -1,7 +1,7 @@
 """``metajax``: the command-line runner.
 
     metajax train CONFIG [--workdir DIR] [--set key=value ...] [--allow-changes]
-    metajax eval  [CONFIG] --workdir DIR [--set key=value ...]
+    metajax eval  [CONFIG] --workdir DIR [--step N] [--output FILE] [--set key=value ...]
     metajax show  CONFIG [--set key=value ...]  |  metajax show --workdir DIR
     metajax list
 
@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (
         ("train", "train (or resume) an experiment, then evaluate it"),
-        ("eval", "evaluate the latest checkpoint of a workdir"),
+        ("eval", "evaluate a checkpoint of a workdir (default: the latest)"),
         ("show", "print a resolved config, or a workdir's configs"),
     ):
         c = sub.add_parser(name, help=help_)
@@ -53,6 +53,11 @@ def parser() -> argparse.ArgumentParser:
             help=f"persistent compilation cache (default $METAJAX_CACHE_DIR or "
             f"{DEFAULT_CACHE}; 'none' disables)",
         )
+        if name == "eval":
+            c.add_argument(
+                "--step", type=int, help="the checkpoint evaluated (default: the latest)"
+            )
+            c.add_argument("--output", help="the JSON file written (default: WORKDIR/eval.json)")
         if name == "train":
             c.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
             c.add_argument(
@@ -155,7 +160,9 @@ def _run(args) -> int:
             )
         else:
             name = None if args.config is None else load_config(args.config).name
-            loop.evaluate_workdir(args.workdir, args.overrides, name=name)
+            loop.evaluate_workdir(
+                args.workdir, args.overrides, name=name, step=args.step, output=args.output
+            )
     except (NonFiniteError, loop.PeerFailedError) as e:
         print(f"metajax: {e}", file=sys.stderr)
         return 1

@@ -132,6 +132,9 @@ class EvalConfig:
         fast form for ConvNets on XLA:CPU).
       after_train: evaluate when training ends.
       table_steps: adaptation steps shown in the printed table.
+      scores: also compute the family's host-side scores where it has them (translation:
+        chrF and exact match of greedy translations, the slow part); false: only the
+        jitted metrics, e.g. for choosing a rate by the query loss.
     """
 
     num_tasks: int = 600
@@ -140,6 +143,7 @@ class EvalConfig:
     vmap_tasks: bool = True
     after_train: bool = True
     table_steps: tuple[int, ...] = (0, 1, 5, 10)
+    scores: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,16 @@ EVAL_KEYS = ("algorithm.inner_lr",)
 
 
 def run_eval(
-    exp: Experiment, meta_params, workdir: Path, *, step: int | None = None, echo=print
+    exp: Experiment,
+    meta_params,
+    workdir: Path,
+    *,
+    step: int | None = None,
+    output: Path | None = None,
+    echo=print,
 ) -> dict:
-    """Evaluates ``meta_params`` on ``eval.num_tasks`` test tasks; writes ``eval.json``; plots.
+    """Evaluates ``meta_params`` on ``eval.num_tasks`` test tasks; writes ``output`` (default
+    ``workdir/eval.json``); plots.
 
     Every process computes the same numbers on its own devices (no collectives); only
     process 0 writes files and prints.
@@ -43,7 +50,7 @@ def run_eval(
         chunk=cfg.chunk,
         vmap_tasks=cfg.vmap_tasks,
     )
-    if exp.setup.score_fn is not None:
+    if exp.setup.score_fn is not None and cfg.scores:
         per_task.update(host_scores(exp, meta_params))
     result = {
         "config_name": exp.config.name,
@@ -57,9 +64,10 @@ def run_eval(
     if jax.process_index() != 0:
         return result
     workdir = Path(workdir)
-    (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    output = workdir / "eval.json" if output is None else Path(output)
+    output.write_text(json.dumps(result, indent=2) + "\n")
     echo(format_table(result, cfg.table_steps))
-    echo(f"wrote {workdir / 'eval.json'}")
+    echo(f"wrote {output}")
     if exp.setup.plot_fn is not None:
         path = exp.setup.plot_fn(exp.algo, meta_params, workdir / "plots")
         if path is not None:

@@ -276,36 +276,53 @@ def _last_good(ckpt: Checkpointer) -> str:
     return f"The last good checkpoint (step {step}) is kept in {ckpt.directory}."
 
 
-def restore_latest(exp: Experiment, workdir: Path) -> tuple[TrainState, int]:
-    """The latest checkpoint of ``workdir`` as a host train state, and its step."""
+def restore_latest(
+    exp: Experiment, workdir: Path, step: int | None = None
+) -> tuple[TrainState, int]:
+    """The checkpoint at ``step`` (default: the latest) of ``workdir`` as a host train state,
+    and its step."""
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise ConfigError(f"no checkpoint in {directory}: run `metajax train` with this workdir.")
     ckpt = Checkpointer(directory, exp.config.train.keep_checkpoints, create=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
+        steps = ckpt.all_steps()
+        if not steps:
             raise ConfigError(f"no checkpoint in {directory}: run `metajax train` first.")
-        state = ckpt.restore(train_state(exp.algo, exp.params, exp.optimizer))
+        if step is not None and step not in steps:
+            raise ConfigError(f"no checkpoint at step {step} in {directory}: it has {steps}.")
+        step = max(steps) if step is None else step
+        state = ckpt.restore(train_state(exp.algo, exp.params, exp.optimizer), step)
     finally:
         ckpt.close()
     return jax.device_get(state), step
 
 
 def evaluate_workdir(
-    workdir: str | Path, overrides=(), *, name: str | None = None, echo=print
+    workdir: str | Path,
+    overrides=(),
+    *,
+    name: str | None = None,
+    step: int | None = None,
+    output: str | Path | None = None,
+    echo=print,
 ) -> dict:
-    """Evaluates the latest checkpoint of ``workdir`` with the config it was trained with.
+    """Evaluates a checkpoint of ``workdir`` with the config it was trained with.
 
     Args:
       workdir: a ``metajax train`` run directory.
       overrides: ``--set`` items; only what evaluation uses may change (``eval.*``, the
         adaptation rate, the family's test data and split).
       name: the config name given on the command line, which must be the workdir's.
+      step: the checkpoint evaluated (default: the latest); choosing one on validation
+        tasks (``--set task.eval_split=validation``) is how a run's checkpoint is picked.
+      output: the JSON file written (default ``workdir/eval.json``), so that a validation
+        evaluation does not replace the test one.
 
     Raises:
-      ConfigError: no config or checkpoint in ``workdir``, a name that is not the workdir's,
-        or an override of a training setting.
+      ConfigError: no config or checkpoint (at ``step``) in ``workdir``, a name that is not
+        the workdir's, an override of a training setting, or an ``output`` whose folder
+        does not exist.
     """
     from metajax.run import families
     from metajax.run.evaluate import eval_config
@@ -323,7 +340,10 @@ def evaluate_workdir(
     family_keys = getattr(families.load(trained.family), "EVAL_KEYS", ())
     config = eval_config(trained, overrides, family_keys)
     validate(config)
+    output = Path(output) if output is not None else workdir / "eval.json"
+    if not output.parent.is_dir() or output.is_dir():
+        raise ConfigError(f"--output {output}: not a file in an existing folder.")
     exp = build(config)
-    state, step = restore_latest(exp, workdir)
+    state, step = restore_latest(exp, workdir, step)
     echo(f"evaluating {workdir} at step {step}")
-    return run_eval(exp, state.meta_params, workdir, step=step, echo=echo)
+    return run_eval(exp, state.meta_params, workdir, step=step, output=output, echo=echo)
