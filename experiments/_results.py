@@ -114,14 +114,21 @@ def sinusoid(runs: Path) -> None:
             shutil.copy(src, OUT / f"{name}_fit.png")
 
 
-def held_out_points(run: Path) -> tuple[list[int], list[float]]:
+def held_out_points(run: Path, pattern: str = "eval*.json") -> tuple[list[int], list[float]]:
     """Held-out accuracy at each evaluated checkpoint (``eval.json`` and earlier ones kept as
-    ``eval_step<N>.json``), after as many adaptation steps as the meta-training inner loop
-    takes, so that the points sit on the same footing as the meta-train curve."""
-    inner = json.loads((run / "config.json").read_text())["algorithm"]["inner_steps"]
+    ``eval_step<N>.json``; ``pattern="validation/step*.json"``: the validation evaluations of
+    ``experiments/choose_on_validation.py`` at the run's own inner rate), after as many
+    adaptation steps as the meta-training inner loop takes, so that the points sit on the
+    same footing as the meta-train curve."""
+    algorithm = json.loads((run / "config.json").read_text())["algorithm"]
+    inner = algorithm["inner_steps"]
     points = []
-    for path in run.glob("eval*.json"):
+    for path in run.glob(pattern):
         e = json.loads(path.read_text())
+        if path.parent.name == "validation" and (
+            e["config"]["algorithm"]["inner_lr"] != algorithm["inner_lr"]
+        ):
+            continue
         if "accuracy" in e["metrics"]:
             mean = e["metrics"]["accuracy"]["mean"]
             points.append((e["checkpoint_step"], mean[min(inner, len(mean) - 1)]))
@@ -150,6 +157,8 @@ def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title:
         if metric == "accuracy_after":
             held_out = held_out_points(runs / name)
             a.plot(*held_out, "o--", color=line.get_color(), ms=4, lw=0.8)
+            validation = held_out_points(runs / name, "validation/step*.json")
+            a.plot(*validation, "s:", color=line.get_color(), ms=4, lw=0.8)
         if not cpu.all():
             a.axvline(GPU_FROM[name], color=line.get_color(), ls=":", lw=1)
             a.annotate(
@@ -168,6 +177,8 @@ def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title:
             ax.set_yscale("log")
     if metric == "accuracy_after":
         a.plot([], [], "ko--", ms=4, lw=0.8, label="held-out test tasks, same inner steps")
+        if any((runs / name / "validation").is_dir() for _, name, _ in found):
+            a.plot([], [], "ks:", ms=4, lw=0.8, label="validation tasks, same inner steps")
         a.legend(fontsize=8, loc="lower right")
     else:
         a.legend()

@@ -22,7 +22,7 @@ from metajax.run import predict
 from metajax.run.workdir import read_config
 from metajax.tasks import translate
 
-QUERIES = ("Germany", "Japan", "Spanish", "Euro")
+QUERIES = ("Germany", "Japan", "Spanish")
 
 
 def load(spec: str):
@@ -36,8 +36,10 @@ def load(spec: str):
     return label, predict.load(workdir, config), config
 
 
-def support_and_queries(lang: str, shots: int, seed: int = 0):
-    pairs = dict(translate.load_pairs(lang))
+def support_and_queries(lang: str, shots: int, max_len: int, seed: int = 0):
+    # Only pairs that fit the model's sequences (BOS, source, SEP, target, END).
+    fits = lambda s, t: len(s.encode()) + len(t.encode()) + 3 <= max_len
+    pairs = {s: t for s, t in translate.load_pairs(lang) if fits(s, t)}
     queries = [(s, pairs[s]) for s in QUERIES if s in pairs]
     rest = sorted(s for s in pairs if s not in QUERIES)
     picks = np.random.default_rng(seed).choice(len(rest), shots, replace=False)
@@ -50,12 +52,12 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="adaptation steps")
     args = parser.parse_args()
     models = [load(spec) for spec in args.runs]
-    shots = models[0][2].task.shots
+    shots, max_len = models[0][2].task.shots, models[0][2].task.max_len
     labels = [label for label, _, _ in models]
     print(f"| language | English | CLDR name | {' | '.join(labels)} |")
     print("|---|---|---|" + "---|" * len(labels))
     for lang in translate.language_split()["test"]:
-        support, queries = support_and_queries(lang, shots)
+        support, queries = support_and_queries(lang, shots, max_len)
         outputs = [
             model.adapt_and_predict(support, None, [s for s, _ in queries], steps=args.steps)
             for _, model, _ in models

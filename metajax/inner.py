@@ -61,8 +61,8 @@ def adapt(
       remat: recompute each inner step in the backward pass instead of storing
         its activations; the backward pass then holds one step's activations
         plus the inner-loop state (parameters, optimizer state) at a few
-        points: the scan checkpoints nested segments up to three levels deep
-        (about ``3 steps ** (1/3)`` states, 10 at 50 steps), the unrolled loop
+        points: the scan checkpoints nested segments up to four levels deep
+        (9 states at 50 steps, 11 at 100), the unrolled loop
         segments of about ``sqrt(steps)``, each where it saves memory, at the
         price of one more forward pass of the inner loop per level. With
         ``unroll=True`` each checkpoint is a
@@ -202,7 +202,7 @@ def _run_scanned(step: Callable, carry: Any, steps: int, *, remat: bool, trace) 
     """``steps`` calls of ``step(carry, k)`` in a ``lax.scan``; returns (carry, stacked trace).
 
     With ``remat`` each step is a ``jax.checkpoint`` and, where :func:`_schedule` says it
-    pays, runs of steps are checkpointed too, up to :data:`SCAN_LEVELS` levels deep
+    pays, runs of steps are checkpointed too, up to ``SCAN_LEVELS`` levels deep
     (Griewank's nested checkpointing): an outer scan over segments keeps one state per
     segment, and the backward pass of a segment recomputes the states of its sub-segments,
     and so on down to single steps. The recomputation lives inside the backward loop's
@@ -263,10 +263,10 @@ def _run_unrolled(step: Callable, carry: Any, steps: int, *, remat: bool, trace)
     return carry, (jax.tree.map(lambda *xs: jnp.stack(xs), *traces) if trace else None)
 
 
-# Checkpoint levels: the scan nests three (each level costs one more forward pass of the
-# inner loop and keeps about steps ** (1 / levels) states per level); the unrolled form two,
-# since its program grows with every level.
-SCAN_LEVELS, UNROLLED_LEVELS = 3, 2
+# Checkpoint levels: the scan nests up to four (each level costs one more forward pass of
+# the inner loop and keeps about steps ** (1 / levels) states per level); the unrolled form
+# two, since its program grows with every level.
+SCAN_LEVELS, UNROLLED_LEVELS = 4, 2
 
 
 @functools.cache
@@ -277,8 +277,8 @@ def _schedule(steps: int, levels: int) -> tuple[int, int]:
     A schedule of segments of ``seg`` steps keeps one state per segment while it
     differentiates one segment or the left-over tail, each scheduled one level shallower:
     ``steps // seg + max(kept(seg), kept(tail))``; one level keeps every step's state. The
-    segment length is ``steps`` (no segments) when splitting saves nothing, and the fewest
-    levels win ties. Schedules that would leave a loop of one iteration (one segment, or one
+    segment length is ``steps`` (no segments) when splitting saves nothing; of equal
+    schedules the one with the shortest segments wins. Schedules that would leave a loop of one iteration (one segment, or one
     left-over step) are skipped: XLA inlines such a loop, and the recomputation inside it
     could then be scheduled early.
     """

@@ -40,6 +40,7 @@ def test_every_config_file_is_listed_and_has_a_tiny_variant():
         "fewrel",
         "translate",
         "words_gpt2",
+        "fewrel_gpt2",
     ):
         assert name in names
         assert load_config(f"{name}:tiny").train.steps <= 20

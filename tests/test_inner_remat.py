@@ -61,11 +61,11 @@ def test_without_remat_memory_grows_with_steps(problem):
 @pytest.mark.parametrize("unroll", [False, True])
 def test_remat_equals_no_remat(problem, unroll, rule):
     # Every part of the schedule, in order (a rate per step catches a step taken out of
-    # order). Scanned, 20 steps nest three levels: two segments of 8 (each two of 3 and a
-    # tail of 2) and a tail of 4. Unrolled, 11 steps are three segments of 3 and two single
-    # steps. Adam, slower to compile, takes 6: three segments of 2.
+    # order). Scanned, 50 steps nest four levels (two segments of 17 and a tail of 16, each
+    # in turn segmented, with tails). Unrolled, 11 steps are three segments of 3 and two
+    # single steps. Adam, slower to compile, takes 6: three segments of 2.
     params, support, query = problem
-    steps = 6 if rule == "adam" else (11 if unroll else 20)
+    steps = 6 if rule == "adam" else (11 if unroll else 50)
     lr = jnp.linspace(0.02, 0.08, steps)
     kw = {"adam": INNER["adam"], "sgd_masked": dict(lr=0.05, mask=[False, True, True])}.get(
         rule, {}

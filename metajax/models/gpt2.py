@@ -207,11 +207,11 @@ class GPT2LM(nn.Module):
         model = GPT2LM(GPT2Config.named("tiny"))
         params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
         logits = model.apply(params, tokens)  # (batch, seq, 320) float32
+        states = model.apply(params, tokens, method="features")  # (batch, seq, 32)
     """
 
     config: GPT2Config
 
-    @nn.compact
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Args:
           tokens: ``(batch, seq)`` int ids in ``[0, vocab_size)``, ``seq <= n_positions``.
@@ -220,6 +220,28 @@ class GPT2LM(nn.Module):
         Returns:
           Logits ``(batch, seq, vocab_size)``, float32 (float64 for float64 compute).
         """
+        return self._forward(tokens, attention_mask, hidden=False)
+
+    def features(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """The final hidden states (after ``ln_f``), for a head other than the LM's.
+
+        ``logits = features @ wte.T``: the same states the tied LM head reads, so
+        ``model.apply(params, tokens, method="features")`` takes the parameters of
+        ``model.init`` or of a checkpoint unchanged.
+
+        Args:
+          tokens: as :meth:`__call__`.
+          attention_mask: as :meth:`__call__`.
+
+        Returns:
+          ``(batch, seq, n_embd)``, float32 (float64 for float64 compute).
+        """
+        return self._forward(tokens, attention_mask, hidden=True)
+
+    @nn.compact
+    def _forward(self, tokens: jax.Array, attention_mask: jax.Array | None, hidden: bool):
+        # One compact method for both outputs, so the parameter names (wte, wpe, h_i, ln_f)
+        # and hence checkpoints are the same whichever is asked for.
         cfg = self.config
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (batch, seq), got shape {tokens.shape}.")
@@ -250,5 +272,8 @@ class GPT2LM(nn.Module):
         for i in range(cfg.n_layer):
             x = block(cfg, name=f"h_{i}")(x, key_mask)
         x = _layer_norm(cfg, "ln_f")(x)
+        out_dtype = jnp.promote_types(jnp.float32, cfg.dtype)
+        if hidden:
+            return x.astype(out_dtype)
         logits = wte.attend(x)  # the head is tied to the token embedding
-        return logits.astype(jnp.promote_types(jnp.float32, cfg.dtype))
+        return logits.astype(out_dtype)

@@ -1,0 +1,277 @@
+"""The ``fewrel_gpt2`` family: entity markers in GPT-2 tokens, the GPT-2 features, the task
+draws, meta-gradients of ProtoNets and MAML on the tiny fixture, the CLI, and config errors."""
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metajax.models import load_gpt2
+from metajax.models.gpt2_checkpoint import load_gpt2_tokenizer
+from metajax.run import cli, predict
+from metajax.run.build import build as build_experiment
+from metajax.run.config import AlgorithmConfig, Config, ConfigError, TrainConfig
+from metajax.run.config_files import load_config
+from metajax.run.families import fewrel_gpt2 as G
+from metajax.tasks import fewrel as F
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "gpt2_tiny"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fewrel"
+BYTE_START = 256
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_gpt2_tokenizer(FIXTURE)
+
+
+def sentence(words, head, tail):
+    return {"tokens": list(words), "h": ["h", "Q1", [list(head)]], "t": ["t", "Q2", [list(tail)]]}
+
+
+def toy_files(tmp_path, rels=(("P1", "P2", "P3"), ("P4", "P5"), ("P6", "P7")), per=4):
+    """Train / validation / test FewRel files; sentence i of relation r is distinct."""
+    paths = []
+    for name, ids in zip(("train", "val", "test"), rels, strict=True):
+        data = {
+            r: [sentence([r, "links", f"n{i}", "to", f"m{i}", "."], [0], [2]) for i in range(per)]
+            for r in ids
+        }
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        paths.append(str(path))
+    return paths
+
+
+def byte_encoder(max_len, pool="start"):
+    return G.MarkerEncoder(lambda s: list(s.encode("utf-8")), BYTE_START, max_len, pool)
+
+
+def test_markers_are_text_and_positions_point_at_their_last_token(tokenizer):
+    enc = G.MarkerEncoder(tokenizer.encode, 0, 40, "start")
+    s = sentence(["Alice", "met", "Bob", "."], [0], [2, 3])
+    tokens, positions = enc([s])
+    text = "<|endoftext|> [E1] Alice [/E1] met [E2] Bob . [/E2]"
+    n = len(tokenizer.encode(text[len("<|endoftext|>") :])) + 1
+    assert tokenizer.decode(tokens[0, :n]) == text
+    assert (tokens[0, n:] == 0).all()
+    # The fixture's BPE splits " [E1]" into " ", "[", "E", "1", "]": 5 tokens; the "]" of
+    # [E1] is index 5 (after the start token); [E2] comes after " Alice" (5 tokens),
+    # " [/E1]" (6) and " met" (2), so its "]" is index 1 + 5 + 5 + 6 + 2 + 4 = 23.
+    assert enc.marker_ids[0] == tuple(tokenizer.encode(" [E1]")) and len(enc.marker_ids[0]) == 5
+    assert positions.tolist() == [[5, 23]]
+    for p, marker in zip(positions[0], (" [E1]", " [E2]"), strict=True):
+        assert tokenizer.decode(tokens[0, p - 4 : p + 1]) == marker
+    _, end_positions = G.MarkerEncoder(tokenizer.encode, 0, 40, "end")([s])
+    assert tokenizer.decode(tokens[0, end_positions[0, 0] - 5 : end_positions[0, 0] + 1]) == (
+        " [/E1]"
+    )
+    assert end_positions[0, 1] == n - 1  # [/E2] closes the sentence
+    # Nested tail inside the head: the outer entity opens first and closes last.
+    tokens, _ = byte_encoder(64)([sentence(["a", "b", "c"], [0, 1, 2], [1])])
+    assert bytes(tokens[0, 1:][tokens[0, 1:] != BYTE_START].tolist()).decode() == (
+        " [E1] a [E2] b [/E2] c [/E1]"
+    )
+
+
+def test_truncation_keeps_every_marker_token(tokenizer):
+    words = [f"w{i}" for i in range(60)]
+    enc = G.MarkerEncoder(tokenizer.encode, 0, 48, "start")
+    tokens, positions = enc([sentence(words, [30], [33])])
+    text = tokenizer.decode(tokens[0])
+    assert (tokens[0] != 0).sum() == 47 and tokens[0, 0] == 0  # full: the start token + 47
+    # Both entities fit: a contiguous window around them, every marker whole.
+    assert " [E1] w30 [/E1] w31 w32 [E2] w33 [/E2]" in text
+    assert text.startswith("<|endoftext|>") and "w20" not in text and "w45" not in text
+    for p, marker in zip(positions[0], (" [E1]", " [E2]"), strict=True):
+        assert tokenizer.decode(tokens[0, p - 4 : p + 1]) == marker
+    # At the smallest max_len only the start token and the markers remain.
+    tokens, positions = byte_encoder(byte_encoder(64).min_len)([sentence(words, [2], [50])])
+    assert bytes(tokens[0, 1:].tolist()).decode() == " [E1] [/E1] [E2] [/E2]"
+    assert positions.tolist() == [[5, 16]]
+    with pytest.raises(ValueError, match="max_len=22: needs room .* markers \\(23 tokens\\)"):
+        byte_encoder(22)
+
+
+def test_features_are_the_states_the_tied_head_reads():
+    model, params = load_gpt2(FIXTURE)
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 320)
+    mask = jnp.arange(12)[None, :] >= jnp.array([[0], [3]])  # the second row left-padded
+    wte = params["params"]["wte"]["embedding"]
+    for m in (None, mask):
+        states = model.apply(params, tokens, m, method="features")
+        logits = model.apply(params, tokens, m)
+        assert states.shape == (2, 12, 32) and states.dtype == jnp.float32
+        np.testing.assert_allclose(states @ wte.T, logits, rtol=1e-5, atol=1e-5)
+    # They are LayerNorm outputs: mean 0 and variance 1 before ln_f's scale and bias.
+    ln = params["params"]["ln_f"]
+    normed = (states - ln["bias"]) / ln["scale"]
+    np.testing.assert_allclose(normed.mean(-1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(normed.var(-1), 1.0, atol=1e-3)
+
+
+def _byte_text(row):
+    ids = row[row != BYTE_START].tolist()
+    return " ".join(bytes(ids).decode().split())
+
+
+def _fewrel_byte_text(row):
+    markers = dict(zip(F._MARKER_IDS["byte"], F.MARKERS, strict=True))
+    text = "".join(f" {markers[i]} " if i in markers else chr(i) for i in row if i != F.BYTE_PAD)
+    return " ".join(text.split())
+
+
+def test_tasks_are_fewrels_draws_in_gpt2_tokens_and_pure(tmp_path):
+    splits = F.Splits(*((p,) for p in toy_files(tmp_path)))
+    common = dict(ways=2, shots=1, queries=2, seed=3)
+    ours = G.GPT2FewRelTasks(F.FewRel(splits, **common, tokenizer="byte"), byte_encoder(96))
+    theirs = F.FewRel(splits, **common, tokenizer="byte", max_len=96).sample(5, 3)
+    task = ours.sample(5, 3)
+    for part, ref in ((task.support, theirs.support), (task.query, theirs.query)):
+        (tokens, positions), labels = part
+        np.testing.assert_array_equal(labels, ref[1])
+        assert tokens.shape == (3, 2 * (1 if part is task.support else 2), 96)
+        texts = [_byte_text(r) for r in tokens.reshape(-1, 96)]
+        assert texts == [_fewrel_byte_text(r) for r in ref[0][0].reshape(-1, 96)]
+        # Each position is the "]" of [E1] and [E2].
+        flat_pos = positions.reshape(-1, 2)
+        for row, (h, t) in zip(tokens.reshape(-1, 96), flat_pos, strict=True):
+            assert bytes(row[h - 4 : h + 1].tolist()) == b" [E1]"
+            assert bytes(row[t - 4 : t + 1].tolist()) == b" [E2]"
+    later = ours.sample(5, 1, first_task=2)
+    np.testing.assert_array_equal(task.query[0][0][2:], later.query[0][0])
+    assert not np.array_equal(ours.sample(6, 3).query[0][0], task.query[0][0])
+
+
+def _config(tmp_path, algo, **task):
+    train, val, test = toy_files(tmp_path)
+    fields = dict(
+        protocol="files",
+        train_files=(train,),
+        val_files=(val,),
+        test_files=(test,),
+        ways=2,
+        shots=1,
+        queries=1,
+        max_len=40,
+        checkpoint=str(FIXTURE),
+        size="tiny",
+        lora_rank=2,
+    )
+    return Config(
+        name="t",
+        family="fewrel_gpt2",
+        task=G.FewRelGPT2Task(**{**fields, **task}),
+        algorithm=AlgorithmConfig(name=algo, **({"inner_lr": 0.1} if algo == "maml" else {})),
+        train=TrainConfig(meta_batch=2),
+    )
+
+
+def _norm(tree):
+    return float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree))))
+
+
+@pytest.mark.parametrize("algo", ["protonets", "maml"])
+def test_meta_gradients_are_finite_and_reach_the_factors(tmp_path, algo):
+    exp = build_experiment(_config(tmp_path, algo))
+    meta = exp.algo.init(exp.params)
+    tasks = exp.setup.train_source.sample(0, 2)
+    grads, metrics = jax.jit(exp.algo.meta_grad)(meta, tasks)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    assert math.isfinite(float(metrics["loss_after"]))
+    # LoRA's b starts at zero, so the first gradient reaches b (and not a).
+    factors = grads["gpt2"]["lora"]
+    b = [g for p, g in jax.tree_util.tree_leaves_with_path(factors) if p[-1].key == "b"]
+    a = [g for p, g in jax.tree_util.tree_leaves_with_path(factors) if p[-1].key == "a"]
+    assert len(b) == 8 and min(_norm(g) for g in b) > 1e-6 and _norm(a) == 0.0
+    if algo == "maml":
+        # The zero head predicts uniformly before adaptation.
+        assert float(metrics["loss_before"]) == pytest.approx(math.log(2), abs=1e-6)
+        assert _norm(grads["head"]) > 1e-6
+        assert exp.setup.inner_mask["head"]["kernel"] is True
+        assert exp.setup.inner_mask["gpt2"]["base"]["params"]["wte"]["embedding"] is False
+    else:
+        assert set(grads) == {"gpt2"} and exp.setup.inner_mask is None
+    # freeze_base: the outer step leaves the GPT-2 weights exactly as they are.
+    updates, _ = exp.optimizer.update(grads, exp.optimizer.init(meta), meta)
+    assert _norm(updates["gpt2"]["base"]) == 0.0 and _norm(updates["gpt2"]["lora"]) > 0
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/fewrel")
+def test_cli_tiny_trains_evaluates_and_predicts(tmp_path):
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "fewrel_gpt2:tiny", "--workdir", str(workdir), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss_before"] == pytest.approx(math.log(3), abs=1e-5)  # the zero head
+    assert all(math.isfinite(r["loss_after"]) and r["grad_norm"] > 0 for r in rows)
+    result = json.loads((workdir / "eval.json").read_text())
+    assert result["adaptation_steps"] == [0, 1, 2] and result["num_tasks"] == 4
+    assert all(0.0 <= a <= 1.0 for a in result["metrics"]["accuracy"]["mean"])
+    model = predict.load(workdir)
+    support = [
+        sentence(["Paris", "is", "in", "France", "."], [0], [3]),
+        sentence(["Ann", "wrote", "Emma", "."], [2], [0]),
+        sentence(["Rex", "plays", "for", "Leeds", "."], [0], [3]),
+    ]
+    logits = model.adapt_and_predict(support, [0, 1, 2], support[:2])
+    assert logits.shape == (2, 3) and np.isfinite(logits).all()
+    with pytest.raises(ValueError, match="labels must lie in 0..2"):
+        model.adapt(support, [0, 1, 3])
+
+
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        ({"max_len": 12}, "task.max_len=12: needs room for the start token and the 4 entity"),
+        ({"max_len": 100}, "task.max_len=100 > the model's n_positions 64"),
+        ({"ways": 4}, "ways=4 but the train split has 3 relations"),
+        ({"shots": 3, "queries": 2}, "has 4 sentences; shots + queries = 5 are needed"),
+        ({"pool": "mean"}, "task.pool='mean': choose start or end"),
+        ({"adapt": "bias"}, "task.adapt='bias'"),
+        ({"size": "gpt3"}, "task.size='gpt3': unknown"),
+    ],
+)
+def test_bad_task_values_name_the_field(tmp_path, task, message):
+    with pytest.raises(ConfigError) as err:
+        G.build(_config(tmp_path, "maml", **task))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_checkpoint_folder_names_it(tmp_path, capsys):
+    missing = tmp_path / "no_gpt2_here"
+    with pytest.raises(ConfigError, match="does not exist"):
+        G.build(_config(tmp_path, "maml", checkpoint=str(missing)))
+    # Through the CLI: exit code 2 and the folder in the message.
+    code = cli.main(
+        [
+            "train",
+            "fewrel_gpt2:tiny",
+            "--workdir",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--set",
+            f"task.checkpoint={missing}",
+            f"task.data_dir={tmp_path}",
+            "task.protocol=files",
+            "task.train_files=('train.json',)",
+            "task.val_files=('val.json',)",
+            "task.test_files=('test.json',)",
+            "task.ways=2",
+        ]
+    )
+    assert code == 2 and str(missing) in capsys.readouterr().err
+
+
+def test_named_variants_point_at_models_gpt2():
+    for v in ("5w1s_protonets", "5w1s_maml", "5w5s_protonets"):
+        c = load_config(f"fewrel_gpt2:{v}")
+        assert c.task.checkpoint == "models/gpt2" and c.algorithm.name == v.split("_")[1]
+        assert (c.task.ways, c.task.shots) == (5, int(v[2]))
+    assert load_config("fewrel_gpt2:tiny").train.steps <= 20
+    with pytest.raises(Exception, match="variant"):
+        load_config("fewrel_gpt2:5w5s_reptile")
