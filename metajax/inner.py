@@ -278,9 +278,9 @@ def _schedule(steps: int, levels: int) -> tuple[int, int]:
     differentiates one segment or the left-over tail, each scheduled one level shallower:
     ``steps // seg + max(kept(seg), kept(tail))``; one level keeps every step's state. The
     segment length is ``steps`` (no segments) when splitting saves nothing; of equal
-    schedules the one with the shortest segments wins. Schedules that would leave a loop of one iteration (one segment, or one
-    left-over step) are skipped: XLA inlines such a loop, and the recomputation inside it
-    could then be scheduled early.
+    schedules the one with the shortest segments wins. Schedules that would leave a loop
+    of one iteration (one segment, or one left-over step) are skipped: XLA inlines such a
+    loop, and the recomputation inside it could then be scheduled early.
     """
     best = (steps, steps)
     if levels <= 1:

@@ -4,10 +4,10 @@ A prompt is a right-padded token row whose first ``prompt_length`` tokens are gi
 translation ``BOS source SEP``). Each of ``steps`` iterations runs the model on the whole
 fixed-width buffer, takes the argmax of the logits at the last filled position, and writes it
 into the next slot. A row stops at ``end_id`` (which is emitted) or when its buffer is full;
-after that it emits ``pad_id``; the loop ends as soon as every row has stopped. There is no key-value cache: each step costs one full forward
-pass over the buffer, which keeps every shape static and the code model-agnostic (any
-``apply_fn(params, tokens) -> logits`` of a causal model works, LoRA or adapted parameters
-included).
+after that it emits ``pad_id``; the loop ends as soon as every row has stopped. There is no
+key-value cache: each step costs one full forward pass over the buffer, which keeps every shape
+static and the code model-agnostic (any ``apply_fn(params, tokens) -> logits`` of a causal
+model works, LoRA or adapted parameters included).
 
 Because the model is causal, whatever lies in the buffer after the last filled position never
 changes the logits that are read, so the buffer needs no mask.
