@@ -179,11 +179,14 @@ def order_plot(runs: Path, names: dict[str, str], metric: str, path: str, title:
         a.plot([], [], "ko--", ms=4, lw=0.8, label="held-out test tasks, same inner steps")
         if any((runs / name / "validation").is_dir() for _, name, _ in found):
             a.plot([], [], "ks:", ms=4, lw=0.8, label="validation tasks, same inner steps")
-        a.legend(fontsize=8, loc="lower right")
+        # Below both panels: the held-out points sit where a legend inside would go.
+        fig.legend(*a.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
+        bottom = 0.16
     else:
         a.legend()
+        bottom = 0.0
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(OUT / path, dpi=80)
     plt.close(fig)
 
