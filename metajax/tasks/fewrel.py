@@ -440,14 +440,22 @@ class FewRel:
                 rel_tokens, rel_positions = data[r]
                 picks = rng.choice(len(rel_tokens), k + q, replace=False)
                 tokens[t, c], positions[t, c] = rel_tokens[picks], rel_positions[picks]
-        labels = np.broadcast_to(perm[:, :, None], (num_tasks, n, k + q))
+        return tasks_from_draws(tokens, positions, perm, k)
 
-        def part(lo, hi):
-            m = n * (hi - lo)
-            x = (
-                tokens[:, :, lo:hi].reshape(num_tasks, m, length),
-                positions[:, :, lo:hi].reshape(num_tasks, m, 2),
-            )
-            return x, np.ascontiguousarray(labels[:, :, lo:hi]).reshape(num_tasks, m)
 
-        return Task(support=part(0, k), query=part(k, k + q))
+def tasks_from_draws(tokens: np.ndarray, positions: np.ndarray, perm: np.ndarray, shots: int):
+    """``Task``s from drawn sentences ``tokens (T, N, K + Q, L)``, ``positions (T, N, K + Q,
+    2)`` and each task's label of every drawn relation ``perm (T, N)``: the first ``shots``
+    sentences of each relation are the support, the rest the query, grouped by relation."""
+    num_tasks, n, per_relation, length = tokens.shape
+    labels = np.broadcast_to(perm[:, :, None], (num_tasks, n, per_relation))
+
+    def part(lo, hi):
+        m = n * (hi - lo)
+        x = (
+            tokens[:, :, lo:hi].reshape(num_tasks, m, length),
+            positions[:, :, lo:hi].reshape(num_tasks, m, 2),
+        )
+        return x, np.ascontiguousarray(labels[:, :, lo:hi]).reshape(num_tasks, m)
+
+    return Task(support=part(0, shots), query=part(shots, per_relation))

@@ -268,17 +268,7 @@ class GPT2FewRelTasks:
                     ids, where = self._encoded(int(r), int(pick))
                     tokens[t, c, j, : len(ids)] = ids
                     positions[t, c, j] = where
-        labels = np.broadcast_to(perm[:, :, None], (num_tasks, n, k + q))
-
-        def part(lo, hi):
-            m = n * (hi - lo)
-            x = (
-                tokens[:, :, lo:hi].reshape(num_tasks, m, length),
-                positions[:, :, lo:hi].reshape(num_tasks, m, 2),
-            )
-            return x, np.ascontiguousarray(labels[:, :, lo:hi]).reshape(num_tasks, m)
-
-        return Task(support=part(0, k), query=part(k, k + q))
+        return fewrel.tasks_from_draws(tokens, positions, perm, k)
 
 
 def check(task: FewRelGPT2Task) -> None:
