@@ -276,7 +276,7 @@ def _last_good(ckpt: Checkpointer) -> str:
     return f"The last good checkpoint (step {step}) is kept in {ckpt.directory}."
 
 
-def restore_latest(
+def restore_checkpoint(
     exp: Experiment, workdir: Path, step: int | None = None
 ) -> tuple[TrainState, int]:
     """The checkpoint at ``step`` (default: the latest) of ``workdir`` as a host train state,
@@ -344,6 +344,6 @@ def evaluate_workdir(
     if not output.parent.is_dir() or output.is_dir():
         raise ConfigError(f"--output {output}: not a file in an existing folder.")
     exp = build(config)
-    state, step = restore_latest(exp, workdir, step)
+    state, step = restore_checkpoint(exp, workdir, step)
     echo(f"evaluating {workdir} at step {step}")
     return run_eval(exp, state.meta_params, workdir, step=step, output=output, echo=echo)

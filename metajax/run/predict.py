@@ -25,7 +25,7 @@ import numpy as np
 from metajax.run.build import Experiment, build
 from metajax.run.config import Config, ConfigError
 from metajax.run.config_files import load_config
-from metajax.run.loop import restore_latest
+from metajax.run.loop import restore_checkpoint
 from metajax.run.workdir import read_config
 
 
@@ -111,5 +111,5 @@ def load(workdir: str | Path, config: Config | str | None = None) -> FewShotMode
     elif isinstance(config, str):
         config = load_config(config)
     exp = build(config)
-    state, step = restore_latest(exp, workdir)
+    state, step = restore_checkpoint(exp, workdir)
     return FewShotModel(exp, state.meta_params, step)
