@@ -22,6 +22,7 @@ from pathlib import Path
 
 from metajax.run.checkpoint import Checkpointer
 from metajax.run.loop import evaluate_workdir
+from metajax.run.workdir import read_config
 
 LOWER_IS_BETTER = ("loss", "bits_per_byte", "mse")
 
@@ -35,7 +36,9 @@ def main():
         "--steps", type=int, nargs="*", default=[], help="checkpoints tried (default: all kept)"
     )
     parser.add_argument("--tasks", type=int, default=200, help="validation tasks per candidate")
-    parser.add_argument("--test-only", action="store_true", help="reuse the validation files")
+    parser.add_argument(
+        "--reuse", action="store_true", help="read validation files already written"
+    )
     args = parser.parse_args()
     folder = args.workdir / "validation"
     folder.mkdir(exist_ok=True)
@@ -49,7 +52,7 @@ def main():
         for rate in rates:
             rate_set = [] if rate is None else [f"algorithm.inner_lr={rate}"]
             out = folder / (f"step{step}" + ("" if rate is None else f"_lr{rate}") + ".json")
-            if not (args.test_only and out.is_file()):
+            if not (args.reuse and out.is_file()):
                 sets = ["task.eval_split=validation", "eval.scores=false"]
                 sets += [f"eval.num_tasks={args.tasks}", *rate_set]
                 evaluate_workdir(args.workdir, sets, step=step, output=out)
@@ -64,7 +67,12 @@ def main():
     print(f"chosen on validation: {best}", flush=True)
     test = args.workdir / "eval.json"
     if best["rate"] is None and test.is_file():
-        if json.loads(test.read_text())["checkpoint_step"] == best["step"]:
+        done = json.loads(test.read_text())
+        trained_rate = read_config(args.workdir).algorithm.inner_lr
+        if (done["checkpoint_step"], done["config"]["algorithm"]["inner_lr"]) == (
+            best["step"],
+            trained_rate,
+        ):
             print(f"{test} is already the test evaluation of step {best['step']}")
             return
     rate_set = [] if best["rate"] is None else [f"algorithm.inner_lr={best['rate']}"]
