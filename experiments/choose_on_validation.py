@@ -9,7 +9,7 @@ the choice: read the test metric at the chosen number of steps::
 
     .venv/bin/python experiments/choose_on_validation.py runs/fewrel_5w1s_maml --metric accuracy
     .venv/bin/python experiments/choose_on_validation.py runs/translate_8_pretrain \\
-        --metric bits_per_byte --rates 0.01 0.03 0.1 0.3 1.0
+        --metric bits_per_byte --rates 0.01 0.03 0.1 0.3 1.0 --set eval.inner_steps=20
 
 Writes WORKDIR/validation/step<N>[_lr<R>].json and WORKDIR/validation/choice.json.
 """
@@ -39,6 +39,14 @@ def main():
     parser.add_argument(
         "--reuse", action="store_true", help="read validation files already written"
     )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="evaluation settings for validation and test, e.g. eval.inner_steps=20",
+    )
     args = parser.parse_args()
     folder = args.workdir / "validation"
     folder.mkdir(exist_ok=True)
@@ -54,7 +62,7 @@ def main():
             out = folder / (f"step{step}" + ("" if rate is None else f"_lr{rate}") + ".json")
             if not (args.reuse and out.is_file()):
                 sets = ["task.eval_split=validation", "eval.scores=false"]
-                sets += [f"eval.num_tasks={args.tasks}", *rate_set]
+                sets += [*args.sets, f"eval.num_tasks={args.tasks}", *rate_set]
                 evaluate_workdir(args.workdir, sets, step=step, output=out)
             means = json.loads(out.read_text())["metrics"][args.metric]["mean"]
             k = min(range(len(means)), key=lambda i: sign * means[i])
@@ -66,7 +74,7 @@ def main():
     (folder / "choice.json").write_text(json.dumps(choice, indent=1) + "\n")
     print(f"chosen on validation: {best}", flush=True)
     test = args.workdir / "eval.json"
-    if best["rate"] is None and test.is_file():
+    if best["rate"] is None and test.is_file() and not args.sets:
         done = json.loads(test.read_text())
         trained_rate = read_config(args.workdir).algorithm.inner_lr
         if (done["checkpoint_step"], done["config"]["algorithm"]["inner_lr"]) == (
@@ -76,7 +84,7 @@ def main():
             print(f"{test} is already the test evaluation of step {best['step']}")
             return
     rate_set = [] if best["rate"] is None else [f"algorithm.inner_lr={best['rate']}"]
-    evaluate_workdir(args.workdir, rate_set, step=best["step"])
+    evaluate_workdir(args.workdir, [*args.sets, *rate_set], step=best["step"])
 
 
 if __name__ == "__main__":

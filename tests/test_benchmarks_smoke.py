@@ -83,3 +83,29 @@ def test_profile_step_smoke(tmp_path):
     assert result["compile"]["phases_s"]["Codegen"] > 0
     assert result["trace"]["jaxpr_equations"] > 100
     assert "| matmul |" in (tmp_path / "profile.md").read_text()
+
+
+def test_xla_options_smoke(tmp_path):
+    # Each option set in its own process; the default runs first and last.
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.xla_options", "--smoke", "--options", "opt_level_0",
+         "--out", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=900,
+    )  # fmt: skip
+    rows = [r for r in json.loads((tmp_path / "xla_options.json").read_text()) if "scan" in r]
+    assert [r["option"] for r in rows] == ["default", "opt_level_0", "default"]
+    assert rows[1]["xla_flags"].startswith("--xla_backend_optimization_level=0")
+    # Another compiler, the same meta-gradient to float32 rounding; the default reproduces.
+    assert 0 < rows[1]["grad_rel_diff"] < 1e-4 and rows[2]["grad_rel_diff"] == 0.0
+    assert all(r[form]["compile_s"] > 0 for r in rows for form in ("scan", "unrolled"))
+
+
+def test_decoding_benchmark_smoke():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.decoding", "--smoke", "--repeats", "2"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=600,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    # 4 prompts, 12 tokens each: scaled random weights never emit END early.
+    assert result["generated_tokens"] == 4 * 12 and result["speedup"] > 0

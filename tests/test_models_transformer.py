@@ -11,11 +11,13 @@ from toy import one_step_maml_objective, rel_error
 
 import metajax as mj
 from metajax.models import (
+    KVCache,
     TransformerClassifier,
     TransformerConfig,
     TransformerLM,
     Trunk,
     bits_per_token,
+    init_kv_cache,
     next_token_loss,
     next_token_metrics,
 )
@@ -110,6 +112,26 @@ def test_lm_untied_head_and_sequence_length_check():
     assert np.abs(untied - tied).max() > 1e-2
     with pytest.raises(ValueError, match="max_len"):
         jax.eval_shape(model.apply, params, jnp.ones((2, 7), jnp.int32))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_decode_step_with_kv_cache_equals_the_full_forward(tie):
+    model = TransformerLM(TransformerConfig(**{**TINY.__dict__, "tie_embeddings": tie}))
+    params = lm_params(model, 6)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, TINY.vocab_size, (3, 6)))
+    full = np.asarray(jit(model.apply)(params, tokens))
+    step = jit(functools.partial(model.apply, method="decode_step"))
+    cache, cached = init_kv_cache(TINY, 3, 6), []
+    for t in range(6):
+        logits, cache = step(params, tokens[:, t], jnp.int32(t), cache)
+        cached.append(np.asarray(logits))
+    np.testing.assert_allclose(np.stack(cached, 1), full, atol=1e-5)
+    # A stale cache slot after the position read is ignored, as causality requires.
+    poisoned = [KVCache(c.k.at[:, 5].set(1e3), c.v.at[:, 5].set(1e3)) for c in cache]
+    again, _ = step(params, tokens[:, 3], jnp.int32(3), poisoned)
+    np.testing.assert_allclose(np.asarray(again), full[:, 3], atol=1e-5)
+    with pytest.raises(ValueError, match="cache length 7"):
+        init_kv_cache(TINY, 3, 7)
 
 
 def test_dropout_off_without_rng_and_on_with_it():

@@ -14,7 +14,13 @@ pytest.importorskip("sacrebleu")
 
 import metajax  # noqa: E402
 from metajax.models import TransformerConfig, TransformerLM, next_token_loss  # noqa: E402
-from metajax.models.decoding import bytes_to_strings, greedy_decode  # noqa: E402
+from metajax.models.decoding import (  # noqa: E402
+    IncrementalDecoder,
+    bytes_to_strings,
+    greedy_decode,
+    greedy_decode_cached,
+    lm_decoder,
+)
 from metajax.tasks import translate as T  # noqa: E402
 from metajax.tasks.words import bits_per_byte  # noqa: E402
 
@@ -149,6 +155,40 @@ def test_greedy_decoding_on_known_logits():
     assert bytes_to_strings(np.array([[104, 105, 7, 106]]), end_id=7) == ["hi"]
 
 
+def test_cached_decoding_gives_the_same_tokens_as_full_passes():
+    # Logits that depend on the last token only are their own incremental decoder.
+    primary = np.full(T.VOCAB_SIZE, ord("x"), np.int32)
+    primary[T.SEP], primary[ord("h")], primary[ord("i")] = ord("h"), ord("i"), T.END
+    apply_fn = _table_apply(jnp.asarray(primary), jnp.asarray(primary))
+    table = IncrementalDecoder(
+        lambda n, width: (), lambda p, token, t, cache: (apply_fn(p, token[:, None])[:, 0], ())
+    )
+    prompts, lengths = T.encode_prompts(["ok", "a", "quite long"], max_len=14)
+    prompts[1, 2], lengths[1] = ord("h"), 3  # BOS "a" "h": generates "i" END at once
+    for steps in (1, 3, 12):
+        full = T.greedy_translate(apply_fn, jnp.float32(1.0), prompts, lengths, steps)
+        cached = T.greedy_translate(table, jnp.float32(1.0), prompts, lengths, steps)
+        np.testing.assert_array_equal(cached, full)
+    assert T.to_strings(full) == ["hi", "i", "hi"]
+    # A random Transformer, sharp enough that its argmax changes from token to token; rows
+    # of three prompt lengths, one of them filling its buffer before `steps` tokens.
+    cfg = TransformerConfig(
+        vocab_size=T.VOCAB_SIZE, width=16, depth=2, heads=2, mlp_width=32, max_len=14
+    )
+    model = TransformerLM(cfg)
+    params = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 14), jnp.int32))
+    params = jax.tree.map(lambda x: 20.0 * x, params)
+    kw = dict(steps=12, end_id=T.END, pad_id=T.PAD, banned_ids=(T.PAD,))
+    full = jax.jit(functools.partial(greedy_decode, model.apply, **kw))(params, prompts, lengths)
+    decoder = lm_decoder(model)
+    cached = jax.jit(functools.partial(greedy_decode_cached, decoder, **kw))(
+        params, prompts, lengths
+    )
+    np.testing.assert_array_equal(cached, full)
+    assert len(set(np.asarray(full)[0].tolist())) > 3  # not one token repeated
+    assert (np.asarray(full)[2] != T.PAD).sum() == 14 - 12  # "BOS quite long SEP" is 12
+
+
 def test_chrf_and_metrics_function():
     assert T.chrf(["Saksa", "Ruotsi"], ["Saksa", "Ruotsi"]) == pytest.approx(100.0)
     assert T.chrf(["abcd"], ["wxyz"]) < 1.0
@@ -164,6 +204,8 @@ def test_chrf_and_metrics_function():
     assert 0.0 < scores["chrf"] < 100.0
     expected = bits_per_byte(apply_fn(1.0, batch[0]), *batch)
     assert scores["bits_per_byte"] == pytest.approx(float(expected))
+    without = T.translation_metrics(apply_fn, decode_steps=4, with_bits=False)(1.0, batch)
+    assert without == {"chrf": scores["chrf"], "exact_match": scores["exact_match"]}
 
 
 def test_maml_meta_grad_on_sampled_tasks_is_finite():

@@ -17,11 +17,13 @@ from metajax.models.mlp import MLP
 from metajax.models.nnx_adapter import from_nnx, update_nnx
 from metajax.models.transformer import (
     Block,
+    KVCache,
     SelfAttention,
     TransformerClassifier,
     TransformerConfig,
     TransformerLM,
     Trunk,
+    init_kv_cache,
 )
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "GPT2Config",
     "GPT2LM",
     "GPT2Tokenizer",
+    "KVCache",
     "PureNorm",
     "SelfAttention",
     "TransformerClassifier",
@@ -45,6 +48,7 @@ __all__ = [
     "convnet_param_count",
     "from_nnx",
     "gpt2_param_count",
+    "init_kv_cache",
     "load_gpt2",
     "load_gpt2_tokenizer",
     "mse_loss",

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -127,6 +127,31 @@ def _out_dtype(cfg: TransformerConfig):
     return jnp.promote_types(jnp.float32, cfg.dtype)
 
 
+class KVCache(NamedTuple):
+    """One block's keys and values of the positions decoded so far, each
+    ``(batch, length, heads, head_dim)``; slots not yet decoded are ignored."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class KVStep(NamedTuple):
+    """A block's :class:`KVCache` and the position of the token being decoded (a scalar)."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+
+
+def init_kv_cache(config: TransformerConfig, batch: int, length: int) -> list[KVCache]:
+    """Empty caches (one per block) for decoding ``batch`` rows of up to ``length`` tokens."""
+    if not 1 <= length <= config.max_len:
+        raise ValueError(f"cache length {length} must be in [1, max_len = {config.max_len}].")
+    shape = (batch, length, config.heads, config.width // config.heads)
+    zeros = jnp.zeros(shape, config.dtype)
+    return [KVCache(zeros, zeros) for _ in range(config.depth)]
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention (fused QKV projection, :func:`attention`, output projection).
 
@@ -139,9 +164,16 @@ class SelfAttention(nn.Module):
     causal: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, key_mask: jax.Array | None = None, cache: KVStep | None = None
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Args: x ``(batch, seq, width)``; key_mask ``(batch, seq)`` bool, False keys are
-        ignored by every query. Returns ``(batch, seq, width)``."""
+        ignored by every query. Returns ``(batch, seq, width)``.
+
+        With ``cache`` (incremental decoding, causal only): x is ``(batch, 1, width)``, the
+        token at position ``cache.index``; its key and value are written into the cache at
+        that position and it attends to positions ``<= index``. Returns the output and the
+        updated :class:`KVCache`."""
         cfg = self.config
         head_dim = cfg.width // cfg.heads
         # One fused projection: a single (width, 3 * width) matmul instead of three.
@@ -149,7 +181,21 @@ class SelfAttention(nn.Module):
             (3, cfg.heads, head_dim), kernel_init=_dense_init(0.02), name="qkv", **_dtypes(cfg)
         )(x)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        if cfg.attention == "einsum":
+        new_cache = None
+        if cache is not None:
+            if not self.causal or x.shape[1] != 1:
+                raise ValueError("a key-value cache decodes one token at a time, causally.")
+            k = jax.lax.dynamic_update_slice_in_dim(
+                cache.k, k.astype(cache.k.dtype), cache.index, 1
+            )
+            v = jax.lax.dynamic_update_slice_in_dim(
+                cache.v, v.astype(cache.v.dtype), cache.index, 1
+            )
+            new_cache = KVCache(k, v)
+            # Slots after `index` hold stale or zero keys: masked, as causality would.
+            seen = jnp.arange(k.shape[1]) <= cache.index
+            out = attention(q, k, v, jnp.broadcast_to(seen, k.shape[:2]), causal=False)
+        elif cfg.attention == "einsum":
             out = attention(q, k, v, key_mask, self.causal)
         else:
             mask = None if key_mask is None else key_mask[:, None, None, :]
@@ -159,9 +205,10 @@ class SelfAttention(nn.Module):
         # GPT-2: residual projections scaled down with depth so that the residual stream's
         # variance does not grow with the number of blocks.
         out_init = _dense_init(0.02 / math.sqrt(2 * cfg.depth))
-        return nn.DenseGeneral(
+        out = nn.DenseGeneral(
             cfg.width, axis=(-2, -1), kernel_init=out_init, name="out", **_dtypes(cfg)
         )(out)
+        return out if cache is None else (out, new_cache)
 
 
 class Block(nn.Module):
@@ -176,21 +223,28 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, key_mask: jax.Array | None = None, deterministic: bool = True
-    ) -> jax.Array:
-        """Args: x ``(batch, seq, width)``; key_mask ``(batch, seq)`` bool or None.
+        self,
+        x: jax.Array,
+        key_mask: jax.Array | None = None,
+        deterministic: bool = True,
+        cache: KVStep | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Args: x ``(batch, seq, width)``; key_mask ``(batch, seq)`` bool or None; cache as
+        in :class:`SelfAttention` (then the updated cache is returned too).
         Returns ``(batch, seq, width)``."""
         cfg = self.config
         norm = lambda name: nn.LayerNorm(name=name, **_dtypes(cfg))
         drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
-        h = SelfAttention(cfg, self.causal, name="attn")(norm("ln_attn")(x), key_mask)
+        h = SelfAttention(cfg, self.causal, name="attn")(norm("ln_attn")(x), key_mask, cache)
+        if cache is not None:
+            h, cache = h
         x = x + drop(h)
         h = norm("ln_mlp")(x)
         h = nn.Dense(cfg.mlp_width, kernel_init=_dense_init(0.02), name="mlp_in", **_dtypes(cfg))(h)
         h = nn.gelu(h)  # tanh approximation, as in GPT-2
         out_init = _dense_init(0.02 / math.sqrt(2 * cfg.depth))
         h = nn.Dense(cfg.width, kernel_init=out_init, name="mlp_out", **_dtypes(cfg))(h)
-        return x + drop(h)
+        return x + drop(h) if cache is None else (x + drop(h), cache)
 
 
 class Trunk(nn.Module):
@@ -227,6 +281,20 @@ class Trunk(nn.Module):
             x = block(x, key_mask, deterministic)
         return self.ln_final(x)
 
+    def decode_step(
+        self, token: jax.Array, index: jax.Array, cache: list[KVCache]
+    ) -> tuple[jax.Array, list[KVCache]]:
+        """One token per row at position ``index`` (a scalar, the same for every row), with
+        a :class:`KVCache` per block. Returns the final states ``(batch, width)`` and the
+        updated caches."""
+        cfg = self.config
+        x = self.embed(token[:, None]) + self.positions[index].astype(cfg.dtype)
+        updated = []
+        for block, layer in zip(self.blocks, cache, strict=True):
+            x, layer = block(x, cache=KVStep(layer.k, layer.v, index))
+            updated.append(layer)
+        return self.ln_final(x)[:, 0], updated
+
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output head: ``x @ embedding.T``, ``(..., width) -> (..., vocab_size)``."""
         return self.embed.attend(x)
@@ -262,27 +330,38 @@ class TransformerLM(nn.Module):
 
     config: TransformerConfig
 
-    @nn.compact
+    def setup(self):
+        cfg = self.config
+        self.trunk = Trunk(cfg, causal=True)
+        if not cfg.tie_embeddings:
+            self.head = nn.Dense(
+                cfg.vocab_size, use_bias=False, kernel_init=_dense_init(0.02), **_dtypes(cfg)
+            )
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        logits = self.trunk.attend(x) if self.config.tie_embeddings else self.head(x)
+        return logits.astype(_out_dtype(self.config))
+
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Args: tokens ``(batch, seq)`` int, ``seq <= max_len``.
         Returns logits ``(batch, seq, vocab_size)``, float32 (float64 for float64 compute)."""
         cfg = self.config
         _check_tokens(tokens, cfg)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        trunk = Trunk(cfg, causal=True, name="trunk")
-        x = trunk(tokens, positions, None, _deterministic(self))
-        if cfg.tie_embeddings:
-            logits = trunk.attend(x)
-        else:
-            head = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                kernel_init=_dense_init(0.02),
-                name="head",
-                **_dtypes(cfg),
-            )
-            logits = head(x)
-        return logits.astype(_out_dtype(cfg))
+        return self._logits(self.trunk(tokens, positions, None, _deterministic(self)))
+
+    def decode_step(
+        self, token: jax.Array, index: jax.Array, cache: list[KVCache]
+    ) -> tuple[jax.Array, list[KVCache]]:
+        """Incremental decoding: the logits after ``token`` (int ``(batch,)``) at position
+        ``index`` (a scalar), given the caches of positions ``< index``
+        (:func:`init_kv_cache`). Equals ``__call__``'s ``logits[:, index]`` on the whole
+        prefix, at the cost of one position instead of ``index + 1``. No dropout.
+
+        Use: ``model.apply(params, token, index, cache, method="decode_step")``.
+        Returns logits ``(batch, vocab_size)`` and the updated caches."""
+        x, cache = self.trunk.decode_step(token, index, cache)
+        return self._logits(x), cache
 
 
 def _encode_and_pool(

@@ -20,6 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from metajax.models.decoding import lm_decoder
 from metajax.models.losses import next_token_loss
 from metajax.models.transformer import TransformerConfig, TransformerLM
 from metajax.run.config import Config, ConfigError, require_positive
@@ -91,6 +92,7 @@ def build(config: Config) -> Setup:
     check(task)
     seed = config.train.seed
     model = TransformerLM(transformer_config(task))
+    decoder = lm_decoder(model)  # key-value cache: one position per generated token
     # Jitted: one compile instead of many small eager ops (the same values).
     params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, task.max_len), jnp.int32))
 
@@ -101,7 +103,7 @@ def build(config: Config) -> Setup:
 
     def predict_fn(adapted, inputs):
         prompts, lengths = inputs
-        return translate.greedy_translate(model.apply, adapted, prompts, lengths, task.decode_len)
+        return translate.greedy_translate(decoder, adapted, prompts, lengths, task.decode_len)
 
     def batch_fn(support_pairs, y=None):
         del y  # the targets are in the pairs
@@ -112,12 +114,8 @@ def build(config: Config) -> Setup:
         prompts, lengths = translate.encode_prompts(list(query_sources), task.max_len)
         return jnp.asarray(prompts), jnp.asarray(lengths)
 
-    scorer = translate.translation_metrics(model.apply, task.decode_len)
-
-    def score_fn(adapted, query):
-        # chrF and exact match of greedy translations; bits per byte comes from metric_fn.
-        scores = scorer(adapted, query)
-        return {"chrf": scores["chrf"], "exact_match": scores["exact_match"]}
+    # chrF and exact match of greedy translations; bits per byte comes from metric_fn.
+    score_fn = translate.translation_metrics(model.apply, task.decode_len, decoder, with_bits=False)
 
     common = dict(
         shots=task.shots,
