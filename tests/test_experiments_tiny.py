@@ -160,6 +160,13 @@ def test_translate_tiny_reports_chrf(tmp_path):
     assert set(val["metrics"]) == {"loss", "bits_per_byte"}
     assert val["config"]["task"]["eval_split"] == "validation"
     assert val["metrics"]["loss"]["mean"] != metrics["loss"]["mean"]
+    # chrF at some step counts only: the same numbers there, NaN elsewhere.
+    sub = tmp_path / "sub.json"
+    args = ["eval", "--workdir", str(tmp_path / "tr"), "--output", str(sub), *QUIET]
+    assert cli.main(args + ["--set", "eval.score_steps=(0, 2)"]) == 0
+    chrf = json.loads(sub.read_text())["metrics"]["chrf"]["mean"]
+    assert math.isnan(chrf[1]) and chrf[::2] == metrics["chrf"]["mean"][::2]
+    assert cli.main(args + ["--set", "eval.score_steps=(3,)"]) == 2  # beyond eval.inner_steps
 
 
 FEWREL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fewrel"

@@ -135,6 +135,9 @@ class EvalConfig:
       scores: also compute the family's host-side scores where it has them (translation:
         chrF and exact match of greedy translations, the slow part); false: only the
         jitted metrics, e.g. for choosing a rate by the query loss.
+      score_steps: the adaptation step counts at which those host-side scores are
+        computed; () is every one. The others are NaN in ``eval.json``; the jitted
+        metrics always cover every step.
     """
 
     num_tasks: int = 600
@@ -144,6 +147,7 @@ class EvalConfig:
     after_train: bool = True
     table_steps: tuple[int, ...] = (0, 1, 5, 10)
     scores: bool = True
+    score_steps: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +201,11 @@ def validate(config: Config) -> None:
         raise ConfigError(f"eval.num_tasks={ec.num_tasks} and eval.chunk={ec.chunk} must be >= 1.")
     if ec.inner_steps < 0:
         raise ConfigError(f"eval.inner_steps={ec.inner_steps} must be >= 0.")
+    if any(not 0 <= s <= ec.inner_steps for s in ec.score_steps):
+        raise ConfigError(
+            f"eval.score_steps={ec.score_steps}: each must be in [0, eval.inner_steps = "
+            f"{ec.inner_steps}]."
+        )
     if not oc.lr > 0:
         raise ConfigError(f"optimizer.lr={oc.lr} must be > 0.")
     if oc.clip_norm < 0:

@@ -76,7 +76,8 @@ def run_eval(
 
 
 def host_scores(exp: Experiment, meta_params) -> dict[str, np.ndarray]:
-    """``Setup.score_fn`` of every held-out task after 0..``eval.inner_steps`` steps.
+    """``Setup.score_fn`` of every held-out task after 0..``eval.inner_steps`` steps (only
+    at ``eval.score_steps`` where given; NaN at the others).
 
     The adapted parameters of each step come from one jitted ``adapt_trace`` per task;
     the scores are computed on the host.
@@ -89,6 +90,7 @@ def host_scores(exp: Experiment, meta_params) -> dict[str, np.ndarray]:
         lambda mp, support: algo.adapt_trace(mp, support, lambda p: p, steps=cfg.inner_steps)[1]
     )
     params = jax.device_put(jax.device_get(meta_params))
+    scored = set(cfg.score_steps or range(cfg.inner_steps + 1))
     rows = []
     for first in range(0, cfg.num_tasks, cfg.chunk):
         tasks = jax.device_get(
@@ -97,11 +99,17 @@ def host_scores(exp: Experiment, meta_params) -> dict[str, np.ndarray]:
         for i in range(jax.tree.leaves(tasks)[0].shape[0]):
             task = jax.tree.map(lambda x, i=i: x[i], tasks)
             adapted = trace(params, task.support)
-            steps = [
-                exp.setup.score_fn(jax.tree.map(lambda x, k=k: x[k], adapted), task.query)
-                for k in range(cfg.inner_steps + 1)
-            ]
-            rows.append({name: [s[name] for s in steps] for name in steps[0]})
+            steps = {
+                k: exp.setup.score_fn(jax.tree.map(lambda x, k=k: x[k], adapted), task.query)
+                for k in sorted(scored)
+            }
+            names = next(iter(steps.values()))
+            rows.append(
+                {
+                    n: [steps[k][n] if k in steps else np.nan for k in range(cfg.inner_steps + 1)]
+                    for n in names
+                }
+            )
     return {name: np.asarray([r[name] for r in rows], np.float64) for name in rows[0]}
 
 
