@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,8 @@ OPTIONS = {
         "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",
         "XNNPACK for dots, elementwise ops and reductions",
     ),
-    "ynn_dot": ("--xla_cpu_experimental_ynn_fusion_type=dot", "YNNPACK for dots"),
+    "ynn_dot": ("--xla_cpu_experimental_ynn_fusion_type=dot", "YNNPACK for dots only"),
+    "ynn_off": ("--xla_cpu_experimental_ynn_fusion_type=", "no YNNPACK (on by default)"),
     "onednn_dot": ("--xla_cpu_experimental_onednn_fusion_type=dot", "oneDNN for dots"),
     "no_concurrency_scheduler": (
         "--xla_cpu_enable_concurrency_optimized_scheduler=false",
@@ -46,7 +49,10 @@ OPTIONS = {
 }
 
 
-def child(name: str, smoke: bool, out: Path) -> dict:
+LIBRARIES = ("xnn", "ynn", "onednn")
+
+
+def child(name: str, smoke: bool, grads: Path) -> dict:
     """Measures one option set in this process (its XLA_FLAGS already set)."""
     import jax
 
@@ -60,13 +66,18 @@ def child(name: str, smoke: bool, out: Path) -> dict:
     for form, unroll in (("scan", False), ("unrolled", True)):
         stats = measure_step(algorithm("maml", case, unroll=unroll), case, repeats)
         row[form] = {k: stats[k] for k in ("trace_lower_s", "compile_s", "median_s")}
-    grads = jax.jit(algorithm("maml", case).meta_grad)(case.params, case.tasks)[0]
-    flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
-    np.save(out / f"grad_{name}.npy", flat)
+    compiled = jax.jit(algorithm("maml", case).meta_grad).lower(case.params, case.tasks).compile()
+    meta_grads = compiled(case.params, case.tasks)[0]
+    flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(meta_grads)])
+    # Which dots a library took: its fusions in the optimised program of the meta-gradient.
+    program = compiled.as_text()
+    row["dots"] = program.count(" dot(")
+    row["library_fusions"] = {lib: program.count(f"__{lib}_fusion") for lib in LIBRARIES}
+    np.save(grads / f"grad_{name}.npy", flat)
     return row
 
 
-def torch_child(smoke: bool, out: Path) -> list[dict]:
+def torch_child(smoke: bool, grads: Path) -> list[dict]:
     """The PyTorch peers' second-order step on the default's weights and tasks."""
     import torch
 
@@ -78,7 +89,7 @@ def torch_child(smoke: bool, out: Path) -> list[dict]:
     torch.manual_seed(0)
     size = SMOKE if smoke else STANDARD
     case = cases.transformer_case(**size)
-    reference = np.load(out / "grad_default.npy")
+    reference = np.load(grads / "grad_default.npy")
     rows = []
     for name in ("torch_autograd", "higher"):
         model = tp.TorchLM(tp.torch_params(case.params), heads=size["heads"])
@@ -144,37 +155,41 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks, not numbers")
     parser.add_argument("--options", nargs="*", default=list(OPTIONS), choices=list(OPTIONS))
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--grads", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.child:
-        print(json.dumps([child(args.child, args.smoke, args.out)]))
+        print(json.dumps([child(args.child, args.smoke, args.grads)]))
         return
     if args.torch_child:
-        print(json.dumps(torch_child(args.smoke, args.out)))
+        print(json.dumps(torch_child(args.smoke, args.grads)))
         return
-    smoke = ["--smoke"] if args.smoke else []
+    # The meta-gradients pass between processes through files; none is kept.
+    grads = Path(tempfile.mkdtemp(prefix="xla_options_"))
+    common = ["--grads", str(grads), *(["--smoke"] if args.smoke else [])]
     names = ["default", *(n for n in args.options if n != "default"), "default"]
     rows = []
     for i, name in enumerate(names):
-        rows += run_child(name, ["--child", name, "--out", str(args.out), *smoke], OPTIONS[name][0])
+        rows += run_child(name, ["--child", name, *common], OPTIONS[name][0])
         if i == 0 and "error" in rows[0]:
             sys.exit(f"the default XLA options failed: {rows[0]['error']}")
         if "error" not in rows[-1]:
-            g = np.load(args.out / f"grad_{name}.npy")
+            g = np.load(grads / f"grad_{name}.npy")
             if i == 0:
                 reference_grad = g  # the first default's; the PyTorch peers read its file
             rows[-1]["grad_rel_diff"] = float(
                 np.linalg.norm(g - reference_grad) / np.linalg.norm(reference_grad)
             )
         print(rows[-1], flush=True)
-    np.save(args.out / "grad_default.npy", reference_grad)
+    np.save(grads / "grad_default.npy", reference_grad)
     try:
         import torch  # noqa: F401
 
-        rows += run_child("torch", ["--torch-child", "--out", str(args.out), *smoke], "")
+        rows += run_child("torch", ["--torch-child", *common], "")
     except ImportError:
         print("torch is not installed: no PyTorch rows")
+    shutil.rmtree(grads)
     (args.out / "xla_options.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows, rows[0]))
 
