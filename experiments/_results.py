@@ -219,14 +219,21 @@ def adaptation_plot(runs: Path, names: dict[str, str], metrics: dict[str, str], 
     if not found:
         return
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8))
+    colors: dict[str, str] = {}
     for ax, (metric, ylabel) in zip(np.atleast_1d(axes), metrics.items(), strict=True):
         for label, r in found:
             if metric not in r["metrics"]:
                 continue
             mean, ci = (np.array(r["metrics"][metric][k]) for k in ("mean", "ci95"))
             steps = np.arange(len(mean))
-            (line,) = ax.plot(steps, mean, "o-", ms=3, label=label)
-            ax.fill_between(steps, mean - ci, mean + ci, color=line.get_color(), alpha=0.2)
+            scored = np.isfinite(mean)  # host-side scores may cover some step counts only
+            steps, mean, ci = steps[scored], mean[scored], ci[scored]
+            # One colour per method, one line style per setting ("..., K = 32" dashed).
+            method, _, setting = label.rpartition(", ")
+            color = colors.setdefault(method or label, f"C{len(colors)}")
+            style = "--" if setting == "K = 32" else "-"
+            ax.plot(steps, mean, "o" + style, ms=3, color=color, label=label)
+            ax.fill_between(steps, mean - ci, mean + ci, color=color, alpha=0.15)
         ax.set_xlabel("adaptation steps on the support pairs")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -321,7 +328,7 @@ def main(runs: Path) -> None:
     )
     print("\n## translate\n")
     for metric in ("chrf", "bits_per_byte"):
-        generic(runs, "translate", metric, (0, 1, 5, 10))
+        generic(runs, "translate", metric, (0, 1, 5, 10, 20))
     adaptation_plot(
         runs,
         {
