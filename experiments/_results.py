@@ -237,7 +237,7 @@ def adaptation_plot(runs: Path, names: dict[str, str], metrics: dict[str, str], 
         ax.set_xlabel("adaptation steps on the support pairs")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].legend(fontsize=8)
+    np.atleast_1d(axes)[-1].legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(OUT / path, dpi=80)
     plt.close(fig)
