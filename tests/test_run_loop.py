@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metajax.run import loop, step_cache
+from metajax.run import loop, step_cache, stored_executables
 from metajax.run.config import TrainConfig
 from metajax.run.config_files import load_config
 from metajax.run.logs import MetricsWindow, NonFiniteError
@@ -124,14 +124,63 @@ def test_cached_step_keys_and_donation(tmp_path, monkeypatch):
     assert step_cache.source_digest() is None
     assert _toy_step(tmp_path, {"lr": 0.1})[1] == "traced, not cached"
     monkeypatch.setattr(step_cache, "_process_start", lambda: float("inf"))
-    # A file under the right name whose stored key differs (a collision, a copied file).
-    files = sorted(tmp_path.glob("*" + step_cache.SUFFIX))
-    assert len(files) == 3
-    blobs = {f: f.read_bytes() for f in files}
-    for f in files:
-        other = next(g for g in files if g != f)
-        f.write_bytes(blobs[other])
+    # Files under the right names whose stored keys differ (a collision, a copied file).
+    for suffix in (step_cache.SUFFIX, stored_executables.SUFFIX):
+        files = sorted(tmp_path.glob("*" + suffix))
+        assert len(files) == 3
+        blobs = {f: f.read_bytes() for f in files}
+        for f in files:
+            other = next(g for g in files if g != f)
+            f.write_bytes(blobs[other])
     assert _toy_step(tmp_path, {"lr": 0.1})[1] == "traced"
+
+
+def test_stored_executable_is_keyed_by_the_compiler_and_skipped_when_it_cannot_load(
+    tmp_path, monkeypatch
+):
+    assert _toy_step(tmp_path, {"lr": 0.1})[1] == "traced"
+    assert _toy_step(tmp_path, {"lr": 0.1})[1] == "cached"
+    # Other XLA flags compile other code: the traced program is reused, the executable not.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert _toy_step(tmp_path, {"lr": 0.1})[1] == "cached program"
+    monkeypatch.delenv("XLA_FLAGS")
+    exe_files = sorted(tmp_path.glob("*" + stored_executables.SUFFIX))
+    assert len(exe_files) == 2
+    # A file that no longer loads (another runtime) is ignored, then replaced.
+    for f in exe_files:
+        header = f.read_bytes().partition(b"\n")[0]
+        f.write_bytes(header + b"\nnot a pickle")
+    step, how, state, x = _toy_step(tmp_path, {"lr": 0.1})
+    assert how == "cached program"
+    assert float(step(state, x)[1]["loss"]) == pytest.approx(2.45)
+    assert _toy_step(tmp_path, {"lr": 0.1})[1] == "cached"
+
+
+def _solve(state, x):
+    # jnp.linalg.solve lowers to a LAPACK custom call on the CPU.
+    a = jnp.eye(3) * (2.0 + x[:, None])
+    new = {"w": jnp.linalg.solve(a, state["w"]), "n": state["n"] + 1}
+    return new, {"loss": jnp.sum(new["w"] ** 2)}
+
+
+def test_a_program_with_custom_calls_keeps_only_its_traced_program(tmp_path):
+    state = {"w": jnp.ones(3), "n": jnp.zeros((), jnp.int32)}
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    hows = []
+    for _ in range(2):
+        step, how = step_cache.cached_step(
+            _solve,
+            dict(state),
+            jnp.arange(3.0),
+            metric_sharding=sharding,
+            identity={"solve": 1},
+            directory=tmp_path,
+        )
+        hows.append(how)
+    assert hows == ["traced", "cached program"]
+    assert not list(tmp_path.glob("*" + stored_executables.SUFFIX))
+    new, _ = step(dict(state), jnp.arange(3.0))
+    np.testing.assert_allclose(new["w"], [1 / 2, 1 / 3, 1 / 4], rtol=1e-6)
 
 
 def test_key_differs_by_inner_steps_and_not_by_the_log_interval():

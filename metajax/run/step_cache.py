@@ -11,8 +11,10 @@ program's StableHLO, so a new process still traces the whole meta-step to find i
 and tracing second-order gradients through an unrolled inner loop is slow. This cache keeps
 the traced program itself (``jax.export``, serialised): a new process deserialises it,
 traces only a one-call wrapper around it, and the wrapper's compilation hits the persistent
-compilation cache. A family whose loss closed over arrays read from files outside the
-config would need them in the key; none does.
+compilation cache. Warmer still, the compiled wrapper is kept too
+(:mod:`metajax.run.stored_executables`) and loaded without lowering anything. A family
+whose loss closed over arrays read from files outside the config would need them in the
+key; none does.
 
 The key is a SHA-256 of everything the program depends on: the caller's description of it
 (the config and how the loop calls the step), the tree structure, shapes, dtypes and
@@ -49,7 +51,9 @@ import jax
 
 import metajax
 from metajax import parallel
+from metajax.run import stored_executables
 from metajax.run.config import Config, to_dict
+from metajax.run.stored_executables import read_entry, write_entry
 from metajax.tasks.prefetch import prefetch
 
 SUFFIX = ".jaxexport"
@@ -235,9 +239,11 @@ def cached_step(
       directory: the cache folder; None traces every time and writes nothing.
 
     Returns:
-      ``(step, how)``: the step, which donates its ``state``; ``how`` is ``"cached"`` (read
-      from the cache), ``"traced"`` (traced now and stored), ``"traced, not cached"`` or
-      ``"traced, not exportable"`` (``jax.export`` refused it, e.g. for a host callback).
+      ``(step, how)``: the step, which donates its ``state``; ``how`` is ``"cached"`` (the
+      stored executable, loaded), ``"cached program"`` (the stored traced program, compiled
+      or served by the persistent compilation cache), ``"traced"`` (traced now and stored),
+      ``"traced, not cached"`` or ``"traced, not exportable"`` (``jax.export`` refused it,
+      e.g. for a host callback).
     """
     state_leaves, state_tree = jax.tree.flatten(state)
     extra_leaves, extra_tree = jax.tree.flatten(extra)
@@ -253,13 +259,20 @@ def cached_step(
     flat = _flat(fn, state_tree, extra_tree)
     how = "traced, not cached"
     source = source_digest() if directory is not None and available() else None
+    exe = None  # (path, key) of the stored executable
     if source is not None:
         text = _key_text(
             identity, (state_tree, extra_tree), (state_leaves, extra_leaves), in_shardings, source
         )
-        path = Path(directory) / (hashlib.sha256(text.encode()).hexdigest()[:40] + SUFFIX)
-        blob = _read(path, text)
-        how = "cached"
+        devices = _device_assignment(state_leaves[0].sharding)
+        exe_text = stored_executables.key_text(text, devices)
+        exe = (_entry(directory, exe_text, stored_executables.SUFFIX), exe_text)
+        compiled = stored_executables.load(*exe, devices)
+        if compiled is not None:
+            return _unflattened(compiled, state_tree, extra_tree), "cached"
+        path = _entry(directory, text, SUFFIX)
+        blob = read_entry(path, text)
+        how = "cached program"
         if blob is None:
             traced = jax.jit(flat, in_shardings=in_shardings, out_shardings=out_shardings)
             try:
@@ -272,21 +285,43 @@ def cached_step(
                 )
                 how = "traced, not exportable"
             else:
-                how = "traced" if _write(path, text, blob) else "traced, not cached"
+                how = "traced" if write_entry(path, text, blob) else "traced, not cached"
         if blob is not None:
             # A fresh trace runs the deserialised program too: a hit runs the very same one.
-            flat = jax.export.deserialize(blob).call
-    compiled = (
-        jax.jit(flat, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(0,))
-        .lower(*avals)
-        .compile()
-    )
+            exported = jax.export.deserialize(blob)
+            flat = exported.call
+            if not stored_executables.storable(exported.mlir_module()):
+                exe = None
+    lowered = jax.jit(
+        flat, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(0,)
+    ).lower(*avals)
+    if exe is not None and how != "traced, not exportable":
+        compiled = stored_executables.compile_and_store(lowered, *exe)
+    else:
+        compiled = lowered.compile()
+    return _unflattened(compiled, state_tree, extra_tree), how
+
+
+def _device_assignment(sharding) -> list:
+    """The devices a program over inputs placed like this runs on, in mesh order."""
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and hasattr(mesh, "devices"):
+        return list(mesh.devices.flat)
+    return sorted(sharding.device_set, key=lambda d: d.id)
+
+
+def _entry(directory: Path, text: str, suffix: str) -> Path:
+    return Path(directory) / (hashlib.sha256(text.encode()).hexdigest()[:40] + suffix)
+
+
+def _unflattened(compiled, state_tree, extra_tree) -> Callable:
+    """``compiled`` over flat leaves, as ``step(state, extra) -> (state, metrics)``."""
 
     def step(state, extra):
         leaves, metrics = compiled(state_tree.flatten_up_to(state), extra_tree.flatten_up_to(extra))
         return state_tree.unflatten(leaves), metrics
 
-    return step, how
+    return step
 
 
 def _flat(fn, state_tree, extra_tree):
@@ -368,32 +403,3 @@ def source_digest() -> str | None:
             return None
         h.update(str(path.relative_to(root)).encode() + b"\0" + data + b"\0")
     return h.hexdigest()
-
-
-def _read(path: Path, text: str) -> bytes | None:
-    """The stored program if ``path`` holds one for exactly ``text``, else None."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    header, sep, blob = data.partition(b"\n")
-    if not sep or header.decode("utf-8", "replace") != text:
-        return None
-    return blob
-
-
-def _write(path: Path, text: str, blob: bytes) -> bool:
-    """Stores atomically (a half-written file is never read); False if the folder is not
-    writable, which only costs the next process a trace."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(text.encode() + b"\n" + blob)
-        os.replace(tmp, path)
-        return True
-    except OSError as e:
-        print(
-            f"metajax: step cache {path.parent} not writable ({e}); tracing next time.",
-            file=sys.stderr,
-        )
-        return False

@@ -93,14 +93,15 @@ def build(config: Config) -> Setup:
     )
     train = Omniglot(split="train", **{**common, "shots": task.train_shots or task.shots})
     test = Omniglot(split=task.eval_split, **common)
+    # One compiled init: op by op, each initializer of each shape would compile on its own.
     return Setup(
-        model.init(key, x0),
+        jax.jit(model.init)(key, x0),
         classification_loss(model.apply),
         accuracy_metric(model.apply),
         train,
         test,
         model.apply,
-        embedding=Embedding(embed.init(key, x0), embed.apply, task.ways),
+        embedding=Embedding(jax.jit(embed.init)(key, x0), embed.apply, task.ways),
         head="head",
     )
 

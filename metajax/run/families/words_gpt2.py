@@ -212,7 +212,8 @@ def load_model(task: GPT2WordsTask, seed: int) -> tuple[GPT2LM, Any, TokenEncode
     overrides = dict(dtype=DTYPES[task.dtype], remat=task.remat)
     if task.checkpoint is None:
         model = GPT2LM(GPT2Config.named(task.size, **overrides))
-        params = model.init(jax.random.key(seed), jnp.zeros((1, task.max_len), jnp.int32))
+        # One compiled init: op by op, each initializer would compile on its own.
+        params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, task.max_len), jnp.int32))
         encoder = TokenEncoder(lambda text: list(text.encode("utf-8")), BYTE_END_ID, task.max_len)
     else:
         from metajax.models.gpt2_checkpoint import load_gpt2, load_gpt2_tokenizer

@@ -38,8 +38,9 @@ def build(config: Config) -> Setup:
     )
     train = words.LanguageID(split="train", **common)
     test = words.LanguageID(split=task.eval_split, **common)
+    # One compiled init: op by op, each initializer of each shape would compile on its own.
     return Setup(
-        model.init(key, x0),
+        jax.jit(model.init)(key, x0),
         classification_loss(model.apply),
         accuracy_metric(model.apply),
         train,
@@ -54,4 +55,4 @@ def build(config: Config) -> Setup:
 
 def _embedding(cfg, task, key, x0) -> Embedding:
     encoder = TransformerEncoder(cfg, pad_id=words.PAD)
-    return Embedding(encoder.init(key, x0), encoder.apply, task.ways)
+    return Embedding(jax.jit(encoder.init)(key, x0), encoder.apply, task.ways)

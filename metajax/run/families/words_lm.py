@@ -88,7 +88,8 @@ def build(config: Config) -> Setup:
     check(task)
     seed = config.train.seed
     model = TransformerLM(transformer_config(task))
-    params = model.init(jax.random.key(seed), jnp.zeros((1, task.max_len), jnp.int32))
+    # One compiled init: op by op, each initializer of each shape would compile on its own.
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, task.max_len), jnp.int32))
 
     def metric_fn(params, batch):
         tokens_, mask = batch
