@@ -221,7 +221,8 @@ def test_vmap_over_tasks_and_remat_match_a_loop_and_no_remat():
         return lambda p: jnp.mean(jax.nn.log_softmax(apply(p, tasks[0]))[..., 1])
 
     g, g_remat = (jit(jax.grad(loss(m.apply)))(params) for m in (model, remat_model))
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), g_remat, g)
+    # float32 rounding: recomputed activations may differ from the saved ones in the last bit.
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), g_remat, g)
     assert np.abs(g["params"]["h_0"]["attn"]["c_attn"]["kernel"]).max() > 1e-3
 
 
