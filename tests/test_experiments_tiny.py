@@ -92,6 +92,10 @@ def test_sinusoid_tiny_pretrain(tmp_path):
     assert 1.0 < loss["mean"][0] < 10.0
 
 
+OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+
+
+@pytest.mark.skipif(not OMNIGLOT.is_dir(), reason="needs ../shared/data/omniglot")
 @pytest.mark.parametrize("variant", ["tiny", "tiny_protonets", "tiny_reptile"])
 def test_omniglot_tiny(tmp_path, variant):
     result = _train(f"omniglot:{variant}", tmp_path / variant)
