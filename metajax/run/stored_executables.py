@@ -1,10 +1,11 @@
 """Compiled XLA executables kept on disk, for the step cache's warmest start.
 
 A hit of :mod:`metajax.run.step_cache`'s exported program still lowers a wrapper around it
-and looks the wrapper up in JAX's persistent compilation cache: on the 2-core CPU about
-half of a warm start, most of it JAX loading its LAPACK bindings while lowering. An
-executable stored here is loaded as it is (``jax.experimental.serialize_executable``): no
-lowering, no hashing of the program.
+and looks the wrapper up in JAX's persistent compilation cache; for a small step that is
+most of a warm start (JAX loads its LAPACK bindings while lowering). An executable stored
+here is loaded as it is (``jax.experimental.serialize_executable``): no lowering, no
+hashing of the program. For a large step the loading itself dominates (benchmarks/README.md,
+``loop``).
 
 An executable holds machine code for one backend build and one kind of machine, so its key
 is the program's key plus the backend's platform version, the ``XLA_FLAGS``, the jax
