@@ -43,13 +43,18 @@ class IncrementalDecoder(NamedTuple):
 
 
 def lm_decoder(model) -> IncrementalDecoder:
-    """The :class:`IncrementalDecoder` of a :class:`~metajax.models.TransformerLM`."""
+    """The :class:`IncrementalDecoder` of a :class:`~metajax.models.TransformerLM` or of any
+    model with a ``decode_step`` method and an ``init_cache(batch, width)`` method
+    (:class:`~metajax.models.LlamaLM`)."""
     from metajax.models.transformer import init_kv_cache
 
     def step(params, token, index, cache):
         return model.apply(params, token, index, cache, method="decode_step")
 
-    return IncrementalDecoder(lambda batch, width: init_kv_cache(model.config, batch, width), step)
+    init_cache = getattr(model, "init_cache", None)
+    if init_cache is None:
+        init_cache = lambda batch, width: init_kv_cache(model.config, batch, width)
+    return IncrementalDecoder(init_cache, step)
 
 
 def _check_decode_args(prompts, prompt_lengths, steps) -> None:
