@@ -113,7 +113,10 @@ def get_config(variant: str = "") -> Config:
             optimizer=optimizer,
             train=TrainConfig(steps=4, meta_batch=8, log_every=2, checkpoint_every=4),
             eval=EvalConfig(
-                num_tasks=8, inner_steps=min(eval_steps, 2), chunk=8, table_steps=(0, 1, 2)
+                num_tasks=8,
+                inner_steps=min(eval_steps, 2),
+                chunk=8,
+                table_steps=tuple(range(min(eval_steps, 2) + 1)),
             ),
         )
     parts = (variant or "5w1s_maml").split("_")
@@ -147,7 +150,8 @@ def get_config(variant: str = "") -> Config:
         train = TrainConfig(
             steps=steps, meta_batch=meta_batch or 8, log_every=50, checkpoint_every=250
         )
-    table = tuple(sorted({0, 1, 3, 10, eval_steps})) if eval_steps else (0,)
+    # The rows printed after training: none past the evaluated steps (a config error).
+    table = tuple(sorted({s for s in (0, 1, 3, 10) if s <= eval_steps} | {eval_steps}))
     return Config(
         name=f"omniglot_{setting}_{algo}" + ("_gpu" if gpu else ""),
         family="omniglot",

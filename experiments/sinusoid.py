@@ -32,6 +32,7 @@ from metajax.run.config import (
 from metajax.run.families.sinusoid import SinusoidTask
 
 VARIANTS = (
+    *("maml", "fomaml", "reptile", "pretrain"),  # K = 10, e.g. sinusoid:fomaml
     *(f"k{k}_{a}" for k in (5, 10, 20) for a in ("maml", "fomaml", "reptile", "pretrain")),
     "tiny",
 )

@@ -6,12 +6,25 @@ resumed with changed settings keeps the record of what every checkpoint came fro
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 from metajax.run.config import ConfigError
+from metajax.run.workdir import has_checkpoint
+
+
+class UnreadableCheckpointError(ConfigError):
+    """A checkpoint whose files do not read (damaged, truncated, overwritten); ``reason``
+    is the error in a few words."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
 class Checkpointer:
@@ -49,17 +62,67 @@ class Checkpointer:
         Raises:
           ConfigError: the checkpoint's tree does not fit ``like`` (another model,
             algorithm or optimizer), named in one line.
+          UnreadableCheckpointError: its files do not read (damaged, truncated), named in
+            one line.
         """
         step = self.latest_step() if step is None else step
-        _check_fits(self.manager.item_metadata(step)["state"], like, step, self.directory)
+        _quiet_abandoned_reads()  # first: the reports come while orbax is still unwinding
+        try:
+            stored = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
+            raise self._unreadable(step, e) from None
+        if stored is None:
+            raise self._unreadable(step, FileNotFoundError("no state metadata"))
+        _check_fits(stored, like, step, self.directory)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             like,
         )
-        out = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )
+        try:
+            out = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )
+        except Exception as e:  # noqa: BLE001 - a damaged file fails in orbax or tensorstore
+            raise self._unreadable(step, e) from None
         return out.state
+
+    def restore_readable(self, like, echo=print) -> tuple[object, int, list[int]]:
+        """The newest checkpoint that reads: ``(state, step, steps that did not read)``.
+
+        Each newer one that does not read is named in one line through ``echo``.
+
+        Raises:
+          ConfigError: a checkpoint does not fit ``like`` (every one would refuse it).
+          UnreadableCheckpointError: none reads (or there is none); one line.
+        """
+        broken, reasons = [], []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state = self.restore(like, step)
+            except UnreadableCheckpointError as e:
+                broken.append(step)
+                reasons.append(e)
+                continue
+            for reason in reasons:
+                echo(f"metajax: {reason}")
+            return state, step, broken
+        if broken:
+            raise UnreadableCheckpointError(
+                f"no checkpoint in {self.directory} reads (steps {sorted(broken)}; "
+                f"{reasons[0].reason}); train again with a new --workdir, or restore the "
+                "folder from a backup."
+            )
+        raise UnreadableCheckpointError(f"no checkpoint in {self.directory}.")
+
+    def _unreadable(self, step: int, error: Exception) -> UnreadableCheckpointError:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if len(first) > 120:
+            first = first[:117] + "..."
+        reason = f"{type(error).__name__}: {first}"
+        return UnreadableCheckpointError(
+            f"the checkpoint at step {step} in {self.directory} does not read ({reason}).",
+            reason,
+        )
 
     def config(self, step: int | None = None) -> dict | None:
         """The config a checkpoint was trained with (None for a checkpoint without one)."""
@@ -75,6 +138,96 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def resume(workdir: Path, like, keep: int, total_steps: int, lead: bool, echo=print) -> tuple:
+    """The state to train on and its step: the newest checkpoint in ``workdir/checkpoints``
+    that reads, shaped like ``like`` (the ones after it, which do not, are moved to
+    ``checkpoints_unreadable/`` by the ``lead`` process, so training can write those steps
+    again), else ``like`` itself at step 0."""
+    workdir = Path(workdir)
+    if not has_checkpoint(workdir):
+        return like, 0
+    probe = Checkpointer(workdir / "checkpoints", keep, create=False)
+    try:
+        restored, start, broken = probe.restore_readable(like, echo=echo)
+    finally:
+        probe.close()
+    if start > total_steps:
+        raise ConfigError(f"{workdir} is at step {start}, past train.steps={total_steps}.")
+    if broken and lead:
+        aside = workdir / "checkpoints_unreadable"
+        aside.mkdir(exist_ok=True)
+        for step in broken:
+            target = aside / str(step)
+            if target.exists():
+                target = aside / f"{step}.{int(time.time())}"
+            (workdir / "checkpoints" / str(step)).rename(target)
+        echo(f"moved the checkpoints that do not read (steps {sorted(broken)}) to {aside}")
+    return restored, start
+
+
+def _quiet_abandoned_reads() -> None:
+    """Drops the reports of reads that a failed restore abandoned.
+
+    When one array of a checkpoint fails to read, orbax stops and closes its event loop;
+    tensorstore's other reads still finish, on tensorstore's own threads, and each reports
+    to that closed loop: a ``RuntimeError('Event loop is closed')`` traceback, dozens of
+    them, during the restore and after it. Tensorstore hands each one to
+    ``sys.unraisablehook`` or prints it to ``sys.stderr`` itself. Nothing waits for those
+    reads, so both are wrapped (from the first restore on) to drop exactly that error from
+    a thread Python did not start; everything else passes through unchanged.
+    """
+    if not isinstance(sys.stderr, _AbandonedReadFilter):
+        sys.stderr = _AbandonedReadFilter(sys.stderr)
+    previous = sys.unraisablehook
+    if getattr(previous, "_metajax_quiet", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (_foreign_thread() and isinstance(value, RuntimeError) and _abandoned(value)):
+            previous(unraisable)
+
+    hook._metajax_quiet = True
+    sys.unraisablehook = hook
+
+
+def _abandoned(value: BaseException) -> bool:
+    return str(value) == "Event loop is closed"
+
+
+def _foreign_thread() -> bool:
+    return isinstance(threading.current_thread(), threading._DummyThread)
+
+
+class _AbandonedReadFilter:
+    """``sys.stderr`` less the tracebacks of :func:`_quiet_abandoned_reads`: a foreign
+    thread's traceback is held until its last line, then dropped if it is that error."""
+
+    _DROPPED = "RuntimeError: Event loop is closed\n"
+
+    def __init__(self, inner):
+        self._inner, self._held, self._lock = inner, {}, threading.Lock()
+
+    def write(self, text: str) -> int:
+        if not _foreign_thread():
+            return self._inner.write(text)
+        key = threading.get_ident()
+        with self._lock:
+            held = self._held.pop(key, "") + text
+            if not held.startswith("Traceback"):
+                return self._inner.write(held) and len(text)
+            last = held.rstrip("\n").rsplit("\n", 1)[-1]
+            if not held.endswith("\n") or last.startswith((" ", "Traceback")):
+                self._held[key] = held  # the traceback goes on
+                return len(text)
+            if not held.endswith(self._DROPPED):
+                self._inner.write(held)
+            return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 def _check_fits(stored, like, step: int, directory: Path) -> None:

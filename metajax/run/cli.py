@@ -9,12 +9,15 @@ CONFIG is an experiment name (``sinusoid``), a name with a variant (``sinusoid:t
 config file path (``experiments/sinusoid.py[:tiny]``). Several hosts: start one process per
 host with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or the
 ``METAJAX_COORDINATOR``, ``METAJAX_NUM_PROCESSES``, ``METAJAX_PROCESS_ID`` variables).
-Config errors print one line and exit 2.
+Config errors (and a workdir another process writes to) print one line and exit 2; Ctrl-C
+stops with one line saying where the run resumes and exits 130; a closed output pipe
+(``metajax show ... | head``) ends quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -105,17 +108,77 @@ def _split_config(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from metajax.run.config import ConfigError
-
     args = parser().parse_args(argv)
+    code = _guarded(args)
+    if code == 130 and argv is None:
+        # A Ctrl-C that lands inside XLA (tracing, compiling) can leave its threads in a
+        # state in which the interpreter's teardown crashes (exit 139). Checkpoints are
+        # complete on disk and the workdir lock is released: leave without the teardown.
+        # Only as the command itself (argv from sys.argv), never when called in-process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _guarded(args) -> int:
+    try:
+        return _main(args)
+    except BrokenPipeError:
+        # The reader went away (`metajax show ... | head`): what it read is complete for it.
+        # Later writes, and the flush at exit, must not fail again on the closed pipe.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0 if args.command in ("show", "list") else 1
+    except KeyboardInterrupt:
+        print(f"metajax: interrupted{_resume_note(args)}.", file=sys.stderr)
+        return 130
+
+
+def _main(args) -> int:
+    from metajax.run.config import ConfigError
+    from metajax.run.workdir import WorkdirBusyError
+
     if args.command == "list":
         return _list()
     _split_config(args)
+    if args.command == "train" and args.config is not None and _lead(args):
+        # Importing jax and the family takes seconds: say what is happening first.
+        print(f"building {args.config} ...", flush=True)
     try:
         return _run(args)
+    except WorkdirBusyError as e:
+        print(f"metajax: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"metajax: config error: {e}", file=sys.stderr)
         return 2
+
+
+def _lead(args) -> bool:
+    """Whether this is process 0 of the run (the one that prints)."""
+    pid = args.process_id if args.process_id is not None else os.environ.get("METAJAX_PROCESS_ID")
+    return pid in (None, 0, "0", "")
+
+
+def _resume_note(args) -> str:
+    """Where an interrupted ``train`` resumes: the newest committed checkpoint on disk."""
+    if args.command != "train" or args.config is None:
+        return ""
+    from metajax.run.config_files import load_config
+
+    workdir = args.workdir
+    if workdir is None:
+        try:
+            workdir = os.path.join("runs", load_config(args.config).name)
+        except Exception:  # noqa: BLE001 - only a hint; the config may be what failed
+            return ""
+    directory = os.path.join(workdir, "checkpoints")
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    steps = [int(n) for n in names if n.isdigit()]
+    where = f"resumes from step {max(steps)}" if steps else "starts from step 0"
+    return f"; `metajax train` on {workdir} {where}"
 
 
 def _run(args) -> int:
@@ -166,6 +229,9 @@ def _run(args) -> int:
     except (NonFiniteError, loop.PeerFailedError) as e:
         print(f"metajax: {e}", file=sys.stderr)
         return 1
+    except loop.Interrupted as e:
+        print(f"metajax: {e}", file=sys.stderr)
+        return 130
     return 0
 
 

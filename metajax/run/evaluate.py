@@ -27,7 +27,8 @@ def run_eval(
     output: Path | None = None,
     echo=print,
 ) -> dict:
-    """Evaluates ``meta_params`` on ``eval.num_tasks`` test tasks; writes ``output`` (default
+    """Evaluates ``meta_params`` on ``eval.num_tasks`` held-out tasks of the family's
+    ``task.eval_split`` (test where it has none); writes ``output`` (default
     ``workdir/eval.json``); plots.
 
     Every process computes the same numbers on its own devices (no collectives); only
@@ -56,6 +57,7 @@ def run_eval(
         "config_name": exp.config.name,
         "checkpoint_step": step,
         "num_tasks": cfg.num_tasks,
+        "split": getattr(exp.config.task, "eval_split", "test"),
         "adaptation_steps": list(range(cfg.inner_steps + 1)),
         "confidence": "95% half-width: 1.96 * sample std / sqrt(num_tasks)",
         "metrics": summarize(per_task),
@@ -137,12 +139,16 @@ def eval_config(
 
 
 def format_table(result: dict, table_steps=(0, 1, 5, 10)) -> str:
-    """Rows: adaptation steps; columns: each metric's mean +- 95% CI over the test tasks."""
+    """Rows: adaptation steps; columns: each metric's mean +- 95% CI over the held-out tasks."""
     last = result["adaptation_steps"][-1]
     steps = sorted({s for s in table_steps if 0 <= s <= last} | {0, last})
     names = list(result["metrics"])
     header = f"{'steps':>5}  " + "  ".join(f"{'query ' + n:>24}" for n in names)
-    lines = [f"Held-out evaluation on {result['num_tasks']} test tasks (mean +- 95% CI):", header]
+    split = result.get("split", "test")
+    lines = [
+        f"Held-out evaluation on {result['num_tasks']} {split} tasks (mean +- 95% CI):",
+        header,
+    ]
     for s in steps:
         cells = []
         for n in names:
@@ -150,3 +156,39 @@ def format_table(result: dict, table_steps=(0, 1, 5, 10)) -> str:
             cells.append(f"{m['mean'][s]:>15.4f} +- {m['ci95'][s]:<6.4f}")
         lines.append(f"{s:>5}  " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def check_eval_config(config: Config) -> None:
+    """Evaluation settings that must agree with each other (one line, before writing)."""
+    ec = config.eval
+    bad = [s for s in ec.table_steps if not 0 <= s <= ec.inner_steps]
+    if bad:
+        raise ConfigError(
+            f"eval.table_steps={ec.table_steps}: {bad[0]} is outside 0..eval.inner_steps "
+            f"= {ec.inner_steps}; lower it or raise eval.inner_steps."
+        )
+
+
+def check_sources(exp: Experiment, *, train: bool, evaluate: bool) -> None:
+    """Runs the task sources' own checks (``source.check()``: enough classes, drawings,
+    sentences for the task shape), so a task the data cannot give is one config line
+    before anything is written, not an error in the first sampled batch."""
+    sources = []
+    if train:
+        sources.append(("train", exp.setup.train_source))
+    if evaluate:
+        sources.append((_eval_split(exp.config), exp.setup.eval_source))
+    for split, source in sources:
+        check = getattr(source, "check", None)
+        if check is None:
+            continue
+        try:
+            check()
+        except (ValueError, FileNotFoundError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"task ({split} split): {e}") from None
+
+
+def _eval_split(config: Config) -> str:
+    return getattr(config.task, "eval_split", "test")

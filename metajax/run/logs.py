@@ -16,6 +16,11 @@ import jax
 import numpy as np
 
 
+def now() -> float:
+    """The clock that log rates are timed with (seconds)."""
+    return time.perf_counter()
+
+
 class NonFiniteError(RuntimeError):
     """A meta-train metric or the parameters became NaN or infinite."""
 
@@ -26,14 +31,14 @@ class MetricsWindow:
     stay asynchronous; a non-finite metric is named with its exact step.
     """
 
-    def __init__(self, start: int):
+    def __init__(self, start: int, time: float | None = None):
         self.first = start + 1  # step number of the oldest metrics held
         self.pending, self.fetched, self.count = [], {}, 0
-        self.time = time.perf_counter()
+        self.time = now() if time is None else time
 
     def start_clock(self) -> None:
         """Steps per second count from now (e.g. once the step is compiled)."""
-        self.time = time.perf_counter()
+        self.time = now()
 
     def add(self, metrics: dict, count: int = 1) -> None:
         """``metrics`` of ``count`` meta-steps: scalars for one, else arrays ``(count,)``."""
@@ -57,15 +62,17 @@ class MetricsWindow:
             self.count += count
         self.pending = []
 
-    def flush(self, step: int) -> dict:
-        """The mean of each metric since the last flush, and the steps per second."""
+    def flush(self, step: int, end: float | None = None) -> dict:
+        """The mean of each metric since the last flush, and the steps per second over the
+        window's whole interval: from its start to ``end`` (default: now), which starts
+        the next window, so consecutive rows tile the run's time."""
         self.check()
-        now = time.perf_counter()
+        end = now() if end is None else end
         row = {"step": step}
         for name, parts in self.fetched.items():
             row[name] = float(np.mean(np.concatenate(parts).astype(np.float64)))
-        row["steps_per_s"] = self.count / max(now - self.time, 1e-9)
-        self.first, self.fetched, self.count, self.time = step + 1, {}, 0, now
+        row["steps_per_s"] = self.count / max(end - self.time, 1e-9)
+        self.first, self.fetched, self.count, self.time = step + 1, {}, 0, end
         return row
 
 

@@ -8,10 +8,15 @@ Workdir layout::
     WORKDIR/checkpoints/<step>   orbax checkpoints of the TrainState and its config
     WORKDIR/plots/*.png          learning curves and the family's figure
     WORKDIR/eval.json            held-out evaluation (``metajax eval``, or after training)
+    WORKDIR/.metajax.lock        the process training in it (:func:`metajax.run.workdir.lock`)
+    WORKDIR/checkpoints_unreadable/<step>  checkpoints that did not read, moved aside
 
 The task stream is a pure function of the step, so resuming from the latest checkpoint
-replays exactly the batches an uninterrupted run would have seen. Everything is checked
-before anything is written: a config error leaves no workdir behind.
+that reads replays exactly the batches an uninterrupted run would have seen. Everything is
+checked before anything is written, the task sources' own checks against their data
+included: a config error leaves no workdir behind. A workdir without a checkpoint (a first
+start that failed) is started anew. Ctrl-C stops at the next step boundary after writing a
+checkpoint there.
 
 The loop never waits for the device between log lines: :mod:`metajax.run.step_cache`
 dispatches several meta-steps per call for sources sampled on the device (the count
@@ -22,6 +27,7 @@ dispatch has been issued. That module also keeps the traced step for the next pr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -30,11 +36,13 @@ import jax
 from metajax import parallel
 from metajax.run import logs, step_cache
 from metajax.run.build import Experiment, build
-from metajax.run.checkpoint import Checkpointer
+from metajax.run.checkpoint import Checkpointer, resume
 from metajax.run.config import Config, ConfigError, changed_keys, to_dict, validate
-from metajax.run.evaluate import run_eval
+from metajax.run.evaluate import check_eval_config, check_sources, run_eval
+from metajax.run.interrupt import Interrupted, StopRequest
 from metajax.run.logs import NonFiniteError
-from metajax.run.workdir import read_config, record_start
+from metajax.run.workdir import has_checkpoint, read_config, record_start
+from metajax.run.workdir import lock as workdir_lock
 from metajax.train import TrainState, all_finite, make_train_step, place_state, train_state
 
 # Settings a resume may change without --allow-changes: how long, how often, where, and
@@ -70,7 +78,9 @@ def train(
 
     Args:
       config: the experiment.
-      workdir: the run directory; an existing one is resumed from its latest checkpoint.
+      workdir: the run directory; an existing one is resumed from its latest checkpoint
+        that reads. One without a checkpoint (a start that failed before its first) is
+        started anew.
       progress: show progress (a bar on a terminal, else one line per log step).
       bar: force the bar on or off (None: on when stderr is a terminal).
       echo: where messages go.
@@ -87,17 +97,21 @@ def train(
       The final train state (host-fetchable, replicated over the mesh).
 
     Raises:
-      ConfigError: anything wrong with the config or the workdir, before anything is written.
+      ConfigError: anything wrong with the config, the data or the workdir (another
+        process training in it included), before anything is written.
       NonFiniteError: a metric or the parameters stopped being finite; the last checkpoint
         written is the last good one.
+      Interrupted: SIGINT (Ctrl-C); says where the run resumes.
     """
     workdir = Path(workdir)
     tc = config.train
     validate(config)
+    check_eval_config(config)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} exists and is not a directory.")
-    previous = read_config(workdir)
-    changes = [] if previous is None else changed_keys(previous, config)
+    # A workdir without a checkpoint trained nothing: its config binds nothing.
+    previous = read_config(workdir) if has_checkpoint(workdir) else None
+    changes = [] if previous is None else _unique(changed_keys(previous, config))
     refused = [k for k in changes if k not in RESUMABLE_KEYS and not k.startswith("eval.")]
     if refused and not allow_changes:
         described = _describe_changes(previous, config, refused)
@@ -107,23 +121,74 @@ def train(
         )
     exp = build(config)
     mesh = _mesh(tc)
+    will_evaluate = config.eval.after_train if evaluate is None else evaluate
+    check_sources(exp, train=True, evaluate=will_evaluate)
     lead = jax.process_index() == 0
     first_task, local_tasks = parallel.local_task_range(tc.meta_batch)
     step_fn = make_train_step(exp.algo, exp.optimizer, mesh=mesh, parallel=tc.parallel)
     state = place_state(train_state(exp.algo, exp.params, exp.optimizer), mesh)
-    # Every config check is done: the checkpoint manager may create its folder now. One
-    # manager, made the same way by every process (orbax synchronises its construction).
-    ckpt = Checkpointer(workdir / "checkpoints", tc.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    try:
-        if start > tc.steps:
-            raise ConfigError(f"{workdir} is at step {start}, past train.steps={tc.steps}.")
-        if start:
-            state = ckpt.restore(state)
-    except ConfigError:
-        ckpt.close()
-        raise
+    created = not workdir.exists()
+    with contextlib.ExitStack() as held:
+        if lead:  # the only process that writes to the workdir
+            held.enter_context(workdir_lock(workdir, "train", echo=echo))
+        try:
+            state, start = resume(workdir, state, tc.keep_checkpoints, tc.steps, lead, echo)
+            # Every config check is done: the checkpoint manager may create its folder
+            # now. One manager, made the same way by every process (orbax synchronises
+            # its construction).
+            ckpt = Checkpointer(workdir / "checkpoints", tc.keep_checkpoints)
+        except ConfigError:
+            if created:
+                held.close()
+                _remove_empty(workdir)
+            raise
+        plan = step_cache.Dispatch(
+            step_fn,
+            state,
+            exp.setup.train_source,
+            local_tasks,
+            first_task,
+            (lambda t: t) if tc.parallel == "pmap" else (lambda t: parallel.shard_tasks(t, mesh)),
+            start,
+            None,  # the progress display, made once files may be written
+            clock=None,
+        )
+        return _train_from(
+            exp,
+            workdir,
+            ckpt,
+            plan,
+            changes=changes,
+            mesh=mesh,
+            lead=lead,
+            progress=progress,
+            bar=bar,
+            echo=echo,
+            evaluate=will_evaluate,
+            fast_path=fast_path,
+            step_cache_dir=step_cache_dir,
+        )
 
+
+def _train_from(
+    exp: Experiment,
+    workdir: Path,
+    ckpt: Checkpointer,
+    plan: step_cache.Dispatch,
+    *,
+    changes,
+    mesh,
+    lead,
+    progress,
+    bar,
+    echo,
+    evaluate,
+    fast_path,
+    step_cache_dir,
+) -> TrainState:
+    """The train loop from ``plan.start`` on, once every check has passed."""
+    state, start, will_evaluate = plan.state, plan.start, evaluate
+    config, tc = exp.config, exp.config.train
     # Checked: from here on, files are written.
     metrics_path = workdir / "metrics.jsonl"
     if lead:
@@ -138,20 +203,8 @@ def train(
     config_json = to_dict(config)
     pmap = tc.parallel == "pmap"
     canonical = parallel.unreplicate if pmap else (lambda s: s)
-    prepare = (lambda t: t) if pmap else (lambda t: parallel.shard_tasks(t, mesh))
-    source = exp.setup.train_source
     bar = logs.Progress(config.name, tc.steps, start, enabled=progress and lead, bar=bar, echo=echo)
-    plan = step_cache.Dispatch(
-        step_fn,
-        state,
-        source,
-        local_tasks,
-        first_task,
-        prepare,
-        start,
-        bar,
-        clock=lambda: window.start_clock(),
-    )
+    plan = plan._replace(bar=bar, clock=lambda: window.start_clock())
     fast = fast_path and not pmap
     if not fast:
         steps = _reference_steps(plan, tc.steps)
@@ -163,29 +216,57 @@ def train(
     log_path = metrics_path if lead else None
     window = logs.MetricsWindow(start)
     lagging = None  # a finished log window, flushed once the next dispatch is on its way
-    done = start
+    done, saved = start, start
+    stop = StopRequest()
     try:
-        for done, state, metrics, count in steps:
-            if lagging is not None:
-                _log(*lagging, log_path, bar)
-                window.time, lagging = lagging[0].time, None
-            window.add(metrics, count)
-            log_now = done % tc.log_every == 0 or done == tc.steps
-            checkpoint_now = done % tc.checkpoint_every == 0 or done == tc.steps
-            if log_now and fast and not checkpoint_now:
-                # Logging waits for this dispatch's metrics: dispatch the next one first.
-                lagging, window = (window, done), logs.MetricsWindow(done)
-            elif log_now:
-                _log(window, done, log_path, bar)
-            if checkpoint_now:
-                window.check()  # never checkpoint past a non-finite metric
-                if not all_finite(canonical(state).meta_params):
-                    raise NonFiniteError(
-                        f"step {done}: the meta-parameters are not finite; stopping."
+        with stop:
+            for done, state, metrics, count in steps:
+                if lagging is not None:
+                    _log(*lagging, log_path, bar)
+                    lagging = None
+                window.add(metrics, count)
+                log_now = done % tc.log_every == 0 or done == tc.steps
+                checkpoint_now = done % tc.checkpoint_every == 0 or done == tc.steps
+                if log_now:
+                    # Each row's rate covers the whole interval since the previous row,
+                    # timed at the same point of the loop, checkpoints included.
+                    now = logs.now()
+                    if fast and not checkpoint_now:
+                        # Logging waits for this dispatch's metrics: dispatch the next first.
+                        lagging, window = (window, done, now), logs.MetricsWindow(done, now)
+                    else:
+                        _log(window, done, now, log_path, bar)
+                if checkpoint_now:
+                    _save(ckpt, done, state, window, canonical, config_json)
+                    saved = done
+                if stop.requested:
+                    break
+                stop.armed = True  # a step is done: Ctrl-C now stops after a checkpoint
+            if stop.requested:
+                if lagging is not None:
+                    _log(*lagging, log_path, bar)
+                if window.pending:
+                    _log(window, done, logs.now(), log_path, bar)
+                if done > saved:
+                    _save(ckpt, done, state, window, canonical, config_json)
+                    saved = done
+                if done == tc.steps:
+                    raise Interrupted(
+                        f"interrupted after the last step ({done}); training is complete: "
+                        f"`metajax eval --workdir {workdir}` evaluates it."
                     )
-                ckpt.save(done, canonical(state), config_json)
+                raise Interrupted(
+                    f"interrupted at step {done}; checkpoint written: `metajax train` on "
+                    f"{workdir} resumes from step {done}."
+                )
     except NonFiniteError as e:
         raise NonFiniteError(f"{e} {_last_good(ckpt)}") from None
+    except KeyboardInterrupt:
+        last = ckpt.latest_step()
+        where = f"resumes from step {last}" if last else "starts from step 0"
+        raise Interrupted(
+            f"interrupted at step {done}; `metajax train` on {workdir} {where}."
+        ) from None
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise
@@ -203,13 +284,39 @@ def train(
 
         for path in learning_curves(metrics_path, workdir / "plots"):
             echo(f"learning curve: {path}")
-    if config.eval.after_train if evaluate is None else evaluate:
-        run_eval(exp, state.meta_params, workdir, step=int(jax.device_get(state.step)), echo=echo)
+    if will_evaluate:
+        try:
+            run_eval(
+                exp, state.meta_params, workdir, step=int(jax.device_get(state.step)), echo=echo
+            )
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted during the evaluation; training is complete (step {done}): "
+                f"`metajax eval --workdir {workdir}` evaluates it."
+            ) from None
     return state
 
 
-def _log(window, done: int, metrics_path: Path | None, bar: logs.Progress) -> None:
-    row = window.flush(done)
+def _save(ckpt, done, state, window, canonical, config_json) -> None:
+    window.check()  # never checkpoint past a non-finite metric
+    if not all_finite(canonical(state).meta_params):
+        raise NonFiniteError(f"step {done}: the meta-parameters are not finite; stopping.")
+    ckpt.save(done, canonical(state), config_json)
+
+
+def _remove_empty(workdir: Path) -> None:
+    """Removes what a refused first start created, if it holds nothing else."""
+    for path in (workdir / "checkpoints", workdir):
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def _unique(keys: list[str]) -> list[str]:
+    return list(dict.fromkeys(keys))
+
+
+def _log(window, done: int, now: float, metrics_path: Path | None, bar: logs.Progress) -> None:
+    row = window.flush(done, now)
     if metrics_path is not None:
         logs.append_row(metrics_path, row)
     bar.update(done, row)
@@ -277,22 +384,29 @@ def _last_good(ckpt: Checkpointer) -> str:
 
 
 def restore_checkpoint(
-    exp: Experiment, workdir: Path, step: int | None = None
+    exp: Experiment, workdir: Path, step: int | None = None, echo=print
 ) -> tuple[TrainState, int]:
-    """The checkpoint at ``step`` (default: the latest) of ``workdir`` as a host train state,
-    and its step."""
+    """The checkpoint at ``step`` (default: the newest one that reads) of ``workdir`` as a
+    host train state, and its step.
+
+    Raises:
+      ConfigError: no checkpoint, none at ``step``, or none that reads; one line.
+    """
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise ConfigError(f"no checkpoint in {directory}: run `metajax train` with this workdir.")
     ckpt = Checkpointer(directory, exp.config.train.keep_checkpoints, create=False)
+    like = train_state(exp.algo, exp.params, exp.optimizer)
     try:
         steps = ckpt.all_steps()
         if not steps:
             raise ConfigError(f"no checkpoint in {directory}: run `metajax train` first.")
         if step is not None and step not in steps:
             raise ConfigError(f"no checkpoint at step {step} in {directory}: it has {steps}.")
-        step = max(steps) if step is None else step
-        state = ckpt.restore(train_state(exp.algo, exp.params, exp.optimizer), step)
+        if step is None:
+            state, step, _ = ckpt.restore_readable(like, echo=echo)
+        else:
+            state = ckpt.restore(like, step)
     finally:
         ckpt.close()
     return jax.device_get(state), step
@@ -314,15 +428,18 @@ def evaluate_workdir(
       overrides: ``--set`` items; only what evaluation uses may change (``eval.*``, the
         adaptation rate, the family's test data and split).
       name: the config name given on the command line, which must be the workdir's.
-      step: the checkpoint evaluated (default: the latest); choosing one on validation
-        tasks (``--set task.eval_split=validation``) is how a run's checkpoint is picked.
+      step: the checkpoint evaluated (default: the newest that reads); choosing one on
+        validation tasks (``--set task.eval_split=validation``) is how a run's checkpoint
+        is picked.
       output: the JSON file written (default ``workdir/eval.json``), so that a validation
-        evaluation does not replace the test one.
+        evaluation does not replace the test one. Writing the default takes the workdir's
+        lock (a training run there writes it too); another file does not, so checkpoints
+        can be evaluated while the run trains on.
 
     Raises:
       ConfigError: no config or checkpoint (at ``step``) in ``workdir``, a name that is not
-        the workdir's, an override of a training setting, or an ``output`` whose folder
-        does not exist.
+        the workdir's, an override of a training setting, a task the data cannot give, an
+        ``output`` whose folder does not exist, or a workdir another process writes to.
     """
     from metajax.run import families
     from metajax.run.evaluate import eval_config
@@ -340,10 +457,16 @@ def evaluate_workdir(
     family_keys = getattr(families.load(trained.family), "EVAL_KEYS", ())
     config = eval_config(trained, overrides, family_keys)
     validate(config)
+    check_eval_config(config)
     output = Path(output) if output is not None else workdir / "eval.json"
     if not output.parent.is_dir() or output.is_dir():
         raise ConfigError(f"--output {output}: not a file in an existing folder.")
     exp = build(config)
-    state, step = restore_checkpoint(exp, workdir, step)
-    echo(f"evaluating {workdir} at step {step}")
-    return run_eval(exp, state.meta_params, workdir, step=step, output=output, echo=echo)
+    check_sources(exp, train=False, evaluate=True)
+    writes_workdir = output.resolve() == (workdir / "eval.json").resolve()
+    with contextlib.ExitStack() as held:
+        if writes_workdir and jax.process_index() == 0:
+            held.enter_context(workdir_lock(workdir, "eval", echo=echo))
+        state, step = restore_checkpoint(exp, workdir, step, echo=echo)
+        echo(f"evaluating {workdir} at step {step}")
+        return run_eval(exp, state.meta_params, workdir, step=step, output=output, echo=echo)

@@ -23,7 +23,10 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def learning_curves(metrics_path: Path, plots_dir: Path) -> list[Path]:
-    """One figure per metric family (``loss``, ``accuracy``, ...): before vs after adaptation."""
+    """One figure per metric family (``loss``, ``accuracy``, ...): before vs after adaptation.
+
+    Points carry markers when there are few of them: a line through one point draws nothing.
+    """
     rows = read_metrics(metrics_path)
     if not rows:
         return []
@@ -33,13 +36,14 @@ def learning_curves(metrics_path: Path, plots_dir: Path) -> list[Path]:
     bases = sorted(
         {k.rsplit("_", 1)[0] for r in rows for k in r if k.endswith(("_before", "_after"))}
     )
+    marker = "o" if len(rows) < 10 else None
     written = []
     for base in bases:
         fig, ax = plt.subplots(figsize=(6, 4))
         for suffix in ("before", "after"):
             key = f"{base}_{suffix}"
             values = np.array([r.get(key, np.nan) for r in rows], dtype=float)
-            ax.plot(steps, values, label=f"query {base}, {suffix} adaptation")
+            ax.plot(steps, values, marker=marker, label=f"query {base}, {suffix} adaptation")
         if base == "loss" and np.all(np.array([r.get("loss_after", 1.0) for r in rows]) > 0):
             ax.set_yscale("log")
         ax.set_xlabel("meta-train step")

@@ -10,6 +10,13 @@ The workdir's ``config.json`` says which model and algorithm were trained and it
 checkpoint holds the meta-learned parameters; nothing else is needed (no training data).
 How a user's data becomes a batch is the task family's (``Setup.batch_fn``, ``inputs_fn``,
 ``outputs_fn``).
+
+A user's data is checked before it reaches the model, each fault a :class:`PredictInputError`
+naming the argument: empty inputs; for classification families (those with an embedding)
+labels outside ``0..ways-1`` or classes not each present equally often; inputs of another
+shape than the model was trained on. That shape is the family's ``input_shape(config)``
+where its module defines one (the shape of one input example, as ``batch_fn`` and
+``inputs_fn`` give it), else the support batch of one task of the evaluation source.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ from metajax.run.loop import restore_checkpoint
 from metajax.run.workdir import read_config
 
 
+class PredictInputError(ValueError):
+    """A support or query set that the trained model cannot take; the message names it."""
+
+
 class FewShotModel:
     """A meta-trained model ready to adapt to new tasks (see :func:`load`).
 
@@ -41,6 +52,7 @@ class FewShotModel:
     def __init__(self, exp: Experiment, meta_params: Any, step: int):
         self.config, self.meta_params, self.step = exp.config, meta_params, step
         self._exp = exp
+        self._reference = None  # the trained support batch's shapes, found when first needed
 
     def support_batch(self, x: Any, y: Any = None) -> Any:
         """The family's batch format for a support set (``Setup.batch_fn``)."""
@@ -63,7 +75,7 @@ class FewShotModel:
         Returns:
           What ``algo.adapt`` returns: adapted parameters (or ProtoNets' ``Prototypes``).
         """
-        support = self.support_batch(support_x, support_y)
+        support = self._checked_support(support_x, support_y)
         return _adapt(self._exp.algo, steps)(self.meta_params, support)
 
     def adapt_and_predict(
@@ -77,12 +89,114 @@ class FewShotModel:
           ``(m, L, vocab)`` next-token logits (``[:, t]`` predicts token ``t + 1``).
         """
         setup = self._exp.setup
+        _check_nonempty(query_x, "query_x")
         adapted = self.adapt(support_x, support_y, steps=steps)
         inputs = setup.inputs_fn(query_x) if setup.inputs_fn is not None else jnp.asarray(query_x)
+        self._check_inputs(inputs, "query_x")
         outputs = jax.jit(self._exp.predict_fn)(adapted, inputs)
         if setup.outputs_fn is not None:
             return setup.outputs_fn(outputs)
         return np.asarray(outputs)
+
+    def _checked_support(self, x: Any, y: Any) -> Any:
+        n = _check_nonempty(x, "support_x")
+        embedding = self._exp.setup.embedding
+        if embedding is not None:  # a classification family
+            _check_labels(y, n, embedding.ways)
+        batch = self.support_batch(x, y)
+        reference = self._reference_support()
+        if reference is not None:
+            got = [tuple(np.shape(leaf)[1:]) for leaf in jax.tree.leaves(batch)]
+            want = [tuple(s.shape[1:]) for s in jax.tree.leaves(reference)]
+            if jax.tree.structure(batch) == jax.tree.structure(reference) and got != want:
+                i = next(i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w)
+                leaf = jax.tree.leaves(batch)[i]
+                raise PredictInputError(
+                    f"support_x gives a batch whose part {i} has shape {np.shape(leaf)}; the "
+                    f"model was trained on {_shape_text(want[i])}."
+                )
+        self._check_inputs(batch[0] if isinstance(batch, tuple) else batch, "support_x")
+        return batch
+
+    def _check_inputs(self, inputs: Any, name: str) -> None:
+        """Model inputs (``batch_fn``'s first part or ``inputs_fn``'s) against the trained
+        example shape, where one is known for a single input array."""
+        want = self._input_shape()
+        if want is None or len(jax.tree.leaves(inputs)) != 1:
+            return
+        shape = np.shape(jax.tree.leaves(inputs)[0])
+        if tuple(shape[1:]) != want:
+            raise PredictInputError(
+                f"{name} has shape {shape}; the model was trained on {_shape_text(want)}."
+            )
+
+    def _input_shape(self) -> tuple[int, ...] | None:
+        from metajax.run import families
+
+        hook = getattr(families.load(self.config.family), "input_shape", None)
+        if hook is not None:
+            return tuple(hook(self.config))
+        reference = self._reference_support()
+        if reference is None or not isinstance(reference, tuple):
+            return None
+        leaves = jax.tree.leaves(reference[0])
+        return tuple(leaves[0].shape[1:]) if len(leaves) == 1 else None
+
+    def _reference_support(self) -> Any:
+        """Shapes of one support set as the model was trained on it, without the task axis
+        (from the evaluation source, sampled once); None where the family declares
+        ``input_shape`` instead (its source may need data files that prediction does not)."""
+        from metajax.run import families
+
+        if hasattr(families.load(self.config.family), "input_shape"):
+            return None
+        if self._reference is None:
+            source = self._exp.setup.eval_source
+            support = jax.eval_shape(lambda: source.sample(0, 1).support)
+            self._reference = jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), support
+            )
+        return self._reference
+
+
+def _shape_text(example: tuple[int, ...]) -> str:
+    """``(n, 28, 28, 1)``: a batch of ``n`` examples of shape ``example``."""
+    return "inputs of shape (" + ", ".join(["n", *map(str, example)]) + ")"
+
+
+def _check_nonempty(x: Any, name: str) -> int:
+    """The number of examples in ``x`` (a list or an array); raises when there are none."""
+    if x is None:
+        raise PredictInputError(f"{name} is None: give at least one example.")
+    n = len(x) if isinstance(x, (list, tuple)) else (np.shape(x)[0] if np.ndim(x) else 0)
+    if n == 0:
+        raise PredictInputError(f"{name} is empty: give at least one example.")
+    return n
+
+
+def _check_labels(y: Any, n: int, ways: int) -> None:
+    """Class labels of a support set: ``n`` integers in ``0..ways-1``, every class present
+    equally often, as in the N-way K-shot tasks the model was meta-trained on (ProtoNets
+    averages each class; a missing class has no prototype)."""
+    if y is None:
+        raise PredictInputError(f"support_y is None: give the {n} labels, each in 0..{ways - 1}.")
+    labels = np.asarray(y)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise PredictInputError(
+            f"support_y must be {n} integer labels (one per support example), got "
+            f"{labels.dtype} of shape {labels.shape}."
+        )
+    if labels.min() < 0 or labels.max() >= ways:
+        raise PredictInputError(
+            f"support_y must lie in 0..{ways - 1} (zero-based class indices of this {ways}-way "
+            f"model), got {labels.min()}..{labels.max()}."
+        )
+    counts = np.bincount(labels, minlength=ways)
+    if counts.min() == 0 or counts.min() != counts.max():
+        raise PredictInputError(
+            f"support_y must hold each class 0..{ways - 1} equally often (the model was "
+            f"meta-trained on {ways}-way K-shot sets), got counts {counts.tolist()}."
+        )
 
 
 @functools.lru_cache(maxsize=32)

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -124,15 +125,29 @@ class Omniglot:
             self._load_key(), tuple(self.alphabet_split()[self.split]), self.rotations
         )
 
-    def sample(self, step: int, num_tasks: int, first_task: int = 0) -> Task:
+    def check(self) -> None:
+        """Raises ValueError unless this split can give every task: N classes and K + Q
+        drawings of each (loads the data if needed)."""
         pool = self.classes()
         num_classes, drawings = pool.images.shape[:2]
         n, k, q = self.ways, self.shots, self.queries
-        if n > num_classes or k + q > drawings:
+        if n > num_classes:
             raise ValueError(
-                f"{n}-way {k}-shot {q}-query needs {n} classes and {k + q} drawings; "
-                f"split {self.split!r} has {num_classes} x {drawings}."
+                f"{n}-way tasks need {n} classes; the {self.split} split has {num_classes} "
+                f"({len(set(pool.alphabet))} alphabets"
+                f"{', rotations included' if self.rotations else ''})."
             )
+        if k + q > drawings:
+            raise ValueError(
+                f"{k}-shot {q}-query tasks need {k + q} drawings of a character; Omniglot "
+                f"has {drawings} of each (shots + queries <= {drawings})."
+            )
+
+    def sample(self, step: int, num_tasks: int, first_task: int = 0) -> Task:
+        self.check()
+        pool = self.classes()
+        num_classes, drawings = pool.images.shape[:2]
+        n, k, q = self.ways, self.shots, self.queries
         sid = split_id(self.split)
         classes = np.empty((num_tasks, n), np.int64)
         picks = np.empty((num_tasks, n, k + q), np.int64)
@@ -226,6 +241,20 @@ class _AllClasses(NamedTuple):
 def _load_all(source, zip_dir, data_dir, tfds_splits, download) -> _AllClasses:
     """Reads every drawing once, deduplicates, groups by character; cached per process."""
     if source == "zips":
+        if (
+            zip_dir is not None
+            and not ob.MetajaxOmniglot(
+                zip_dir=zip_dir, data_dir=data_dir, config=str(IMAGE_SIZE)
+            ).is_prepared()
+        ):
+            # The one-off build reads every drawing of the zips: a minute or more in which
+            # nothing else would be printed.
+            print(
+                f"metajax: preparing Omniglot from {zip_dir} into {data_dir} (once; this "
+                "takes a minute or two) ...",
+                file=sys.stderr,
+                flush=True,
+            )
         builder = ob.prepare(zip_dir, data_dir, IMAGE_SIZE)
         splits = tfds_splits or tuple(builder.info.splits.keys())
         sources = [builder.as_data_source(s) for s in splits]

@@ -63,6 +63,14 @@ TaskConfig = OmniglotTask
 EVAL_KEYS = ("task.eval_split", "task.zip_dir", "task.data_dir", "task.source")
 
 
+def input_shape(config: Config) -> tuple[int, ...]:
+    """One image as the ConvNet was trained on it (``metajax.run.predict`` checks a user's
+    support and query images against it, without reading the data)."""
+    from metajax.tasks.omniglot import IMAGE_SIZE
+
+    return (IMAGE_SIZE, IMAGE_SIZE, 1)
+
+
 def zip_dir(task: OmniglotTask) -> str:
     """Explicit ``task.zip_dir``, else ``$METAJAX_OMNIGLOT_DIR``, else the shared zips."""
     return task.zip_dir or os.environ.get("METAJAX_OMNIGLOT_DIR") or str(DEFAULT_ZIP_DIR)
