@@ -5,8 +5,9 @@
 
 Second-order MAML training steps (``benchmarks.run.measure_step``: meta-gradient plus outer
 Adam) at few and many inner steps, remat on and off, the inner loop scanned (``lax.scan``,
-the default) and unrolled in Python. The unrolled form compiles in time that grows with the
-step count, so by default it is measured at 5 and 20 steps only (``--unrolled-steps``;
+``unroll=False``) and unrolled in Python (``unroll=True``); the default, which picks one by
+the step count, is ``inner_loop_default.py``'s. The unrolled form compiles in time that grows
+with the step count, so by default it is measured at 5 and 20 steps only (``--unrolled-steps``;
 none: the scan alone).
 Prints a Markdown table, then the ratios the targets are stated in.
 """

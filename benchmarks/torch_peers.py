@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metajax.inner import path_str
+from metajax.paths import path_str
 
 
 def torch_params(flax_params) -> dict[str, torch.Tensor]:

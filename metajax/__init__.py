@@ -1,10 +1,11 @@
 """metajax: gradient-based meta-learning in JAX.
 
-``import metajax`` gives the primitives (inner loop, algorithms, train step, parallelism).
+``import metajax`` gives the primitives (inner loop, algorithms, train step, parallelism);
+:mod:`metajax.blocks` the pieces to write a new algorithm with.
 The experiment runner lives in :mod:`metajax.run` and is imported only when asked for.
 """
 
-from metajax import lora, parallel
+from metajax import blocks, lora, parallel
 from metajax.algorithms import (
     MetaLearner,
     anil,
@@ -18,8 +19,9 @@ from metajax.algorithms import (
     protonets,
     reptile,
 )
-from metajax.inner import adapt, adapt_trace, mask_by_path
-from metajax.train import TrainState, evaluate, make_train_step, train_state
+from metajax.inner import adapt, adapt_trace
+from metajax.paths import mask_by_path, path_str
+from metajax.train import TrainState, evaluate, make_train_step, summarize, train_state
 from metajax.types import Task
 
 __version__ = "0.1.0"
@@ -31,6 +33,7 @@ __all__ = [
     "adapt",
     "adapt_trace",
     "anil",
+    "blocks",
     "evaluate",
     "imaml",
     "lora",
@@ -42,8 +45,10 @@ __all__ = [
     "mean_over_tasks",
     "meta_sgd",
     "parallel",
+    "path_str",
     "pretrain",
     "protonets",
     "reptile",
+    "summarize",
     "train_state",
 ]

@@ -8,20 +8,24 @@ the state of an optax inner optimizer.
 
 from __future__ import annotations
 
-import functools
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
+from metajax import _remat
 from metajax.types import Batch, LossFn, Params, PyTree
 
 TraceFn = Callable[[Params], PyTree]
+
+# The longest inner loop unrolled by default (``unroll``); longer ones are scanned. On the
+# standard benchmark the unrolled 5-step second-order step runs about 1.3x faster than the
+# scanned one, and it compiles in time that grows with the steps, the scan in time that
+# does not (benchmarks/README.md, "inner_loop_default").
+UNROLL = 8
 
 
 def adapt(
@@ -35,7 +39,7 @@ def adapt(
     first_order: bool = False,
     remat: bool = False,
     mask: PyTree | None = None,
-    unroll: bool = False,
+    unroll: int = UNROLL,
     support_per_step: bool = False,
     key: jax.Array | None = None,
 ) -> Params:
@@ -61,21 +65,21 @@ def adapt(
       remat: recompute each inner step in the backward pass instead of storing
         its activations; the backward pass then holds one step's activations
         plus the inner-loop state (parameters, optimizer state) at a few
-        points: the scan checkpoints nested segments up to four levels deep
-        (9 states at 50 steps, 11 at 100), the unrolled loop
-        segments of about ``sqrt(steps)``, each where it saves memory, at the
-        price of one more forward pass of the inner loop per level. With
-        ``unroll=True`` each checkpoint is a
-        ``jax.custom_vjp`` (see :func:`_tied_checkpoint`), which supports reverse
-        mode (``jax.grad``, ``jax.vjp``, grad of grad) but not ``jax.jvp``; use
-        ``unroll=False`` for forward mode.
+        points: nested segments of steps, up to three levels scanned (12 states
+        at 50 steps, 14 at 100) and two unrolled, each level where it saves
+        memory, at the price of one more forward pass of the inner loop per
+        level. Unrolled, each checkpoint is a ``jax.custom_vjp``, which supports
+        reverse mode (``jax.grad``, ``jax.vjp``, grad of grad) but not
+        ``jax.jvp``; pass ``unroll=False`` for forward mode.
       mask: pytree of Python bools with the structure of ``params`` (or a
         prefix of it). Leaves marked False are not adapted (ANIL).
-      unroll: False (default) runs the steps in a ``lax.scan``: the program,
-        and so trace and compile time, does not grow with ``steps``. True
-        unrolls them in Python: one copy of the step per inner step, compiled
-        more slowly, sometimes faster to run (XLA:CPU runs convolutions inside
-        loops on a slow path).
+      unroll: the longest inner loop run unrolled: a loop of ``steps <= unroll``
+        steps is unrolled in Python (one copy of the step per inner step: the
+        fastest program, with a compile time that grows with ``steps``), a
+        longer one runs in a ``lax.scan`` (a program, and so a compile time, that
+        does not grow with ``steps``; XLA:CPU runs convolutions in loops on a
+        slow path, jax-ml/jax#12868). Decided at trace time from ``steps``.
+        ``True`` unrolls every loop, ``False`` (like ``0``) scans every loop.
       support_per_step: the support leaves have a leading axis of size ``steps``
         and step ``k`` fits ``support[k]``: a mini-batched inner loop (Reptile
         trains on mini-batches of more examples than a test task has).
@@ -117,7 +121,7 @@ def adapt_trace(
     first_order: bool = False,
     remat: bool = False,
     mask: PyTree | None = None,
-    unroll: bool = False,
+    unroll: int = UNROLL,
     support_per_step: bool = False,
     key: jax.Array | None = None,
 ) -> tuple[Params, PyTree]:
@@ -133,8 +137,7 @@ def adapt_trace(
         _check_per_step_support(support, steps)
     if (lr is None) == (optimizer is None):
         raise ValueError("adapt needs exactly one of `lr` (plain SGD) or `optimizer` (optax).")
-    if not isinstance(unroll, (bool, np.bool_)):
-        raise TypeError(f"unroll must be a bool, got {type(unroll).__name__}.")
+    unrolled = _unrolls(unroll, steps)
     if key is not None:
         _check_key(key)
     leaves, treedef = jax.tree.flatten(params)
@@ -193,164 +196,20 @@ def adapt_trace(
         get_active = lambda c: c[0]
 
     trace = (lambda c: trace_fn(merge(get_active(c)))) if trace_fn is not None else None
-    run = _run_unrolled if unroll else _run_scanned
+    run = _remat.run_unrolled if unrolled else _remat.run_scanned
     carry, traces = run(step, carry, steps, remat=remat, trace=trace)
     return merge(get_active(carry)), traces
 
 
-def _run_scanned(step: Callable, carry: Any, steps: int, *, remat: bool, trace) -> tuple:
-    """``steps`` calls of ``step(carry, k)`` in a ``lax.scan``; returns (carry, stacked trace).
-
-    With ``remat`` each step is a ``jax.checkpoint`` and, where :func:`_schedule` says it
-    pays, runs of steps are checkpointed too, up to ``SCAN_LEVELS`` levels deep
-    (Griewank's nested checkpointing): an outer scan over segments keeps one state per
-    segment, and the backward pass of a segment recomputes the states of its sub-segments,
-    and so on down to single steps. The recomputation lives inside the backward loop's
-    body, so XLA cannot schedule it early.
-    """
-    first = trace(carry) if trace else None
-    one_step = jax.checkpoint(step) if remat else step
-
-    def body(c, k):
-        c = one_step(c, k)
-        return c, (trace(c) if trace else None)
-
-    def run(c, ks, levels):
-        n = ks.shape[0]
-        seg = _schedule(n, levels)[1] if remat else n
-        if seg >= n:
-            return jax.lax.scan(body, c, ks)
-        n_seg, tail = divmod(n, seg)
-        segment = jax.checkpoint(lambda c, seg_ks: run(c, seg_ks, levels - 1))
-        c, out = jax.lax.scan(segment, c, ks[: n_seg * seg].reshape(n_seg, seg))
-        out = jax.tree.map(lambda x: x.reshape(n_seg * seg, *x.shape[2:]), out)
-        if tail:
-            c, more = run(c, ks[n_seg * seg :], levels - 1)
-            out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, more)
-        return c, out
-
-    carry, rest = run(carry, jnp.arange(steps), SCAN_LEVELS)
-    if not trace:
-        return carry, None
-    return carry, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
-
-
-def _run_unrolled(step: Callable, carry: Any, steps: int, *, remat: bool, trace) -> tuple:
-    """``steps`` calls of ``step(carry, k)`` unrolled in Python, ``k`` a Python int.
-
-    With ``remat``, the schedule of :func:`_schedule` two levels deep (segments, then
-    steps), each checkpoint a :func:`_tied_checkpoint`.
-    """
-    traces = [trace(carry)] if trace else []
-
-    def run(c, ks):
-        outs = []
-        for k in ks:
-            one_step = functools.partial(step, k=k)
-            c = _tied_checkpoint(one_step)(c) if remat else one_step(c)
-            if trace:
-                outs.append(trace(c))
-        return c, outs
-
-    seg = _schedule(steps, UNROLLED_LEVELS)[1] if remat else max(steps, 1)
-    n_seg = steps // seg if seg < steps else 0
-    for s in range(n_seg):
-        segment = functools.partial(run, ks=range(s * seg, (s + 1) * seg))
-        carry, outs = _tied_checkpoint(segment)(carry)
-        traces += outs
-    carry, outs = run(carry, range(n_seg * seg, steps))
-    traces += outs
-    return carry, (jax.tree.map(lambda *xs: jnp.stack(xs), *traces) if trace else None)
-
-
-# Checkpoint levels: the scan nests up to four (each level costs one more forward pass of
-# the inner loop and keeps about steps ** (1 / levels) states per level); the unrolled form
-# two, since its program grows with every level.
-SCAN_LEVELS, UNROLLED_LEVELS = 4, 2
-
-
-@functools.cache
-def _schedule(steps: int, levels: int) -> tuple[int, int]:
-    """``(states kept, segment length)``: the segmentation of ``steps`` checkpointed steps,
-    at most ``levels`` deep, that keeps the fewest inner-loop states in the backward pass.
-
-    A schedule of segments of ``seg`` steps keeps one state per segment while it
-    differentiates one segment or the left-over tail, each scheduled one level shallower:
-    ``steps // seg + max(kept(seg), kept(tail))``; one level keeps every step's state. The
-    segment length is ``steps`` (no segments) when splitting saves nothing; of equal
-    schedules the one with the shortest segments wins. Schedules that would leave a loop
-    of one iteration (one segment, or one left-over step) are skipped: XLA inlines such a
-    loop, and the recomputation inside it could then be scheduled early.
-    """
-    best = (steps, steps)
-    if levels <= 1:
-        return best
-    for seg in range(2, steps):
-        n_seg, tail = divmod(steps, seg)
-        if n_seg < 2 or tail == 1:
-            continue
-        inner = _schedule(seg, levels - 1)[0]
-        kept = n_seg + max(inner, _schedule(tail, levels - 1)[0] if tail else 0)
-        if kept < best[0]:
-            best = (kept, seg)
-    return best
-
-
-def _tied_checkpoint(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``fn`` (pytree to pytree) checkpointed: only its input is saved, and the backward pass
-    recomputes ``fn`` once the cotangent of its output exists.
-
-    ``jax.checkpoint`` alone saves no memory in an unrolled loop on XLA:CPU.
-    It keeps the recomputation after the cotangent only by an optimization
-    barrier, which XLA:CPU removes before scheduling; its scheduler then runs
-    every step's recomputation as soon as the step's saved input exists,
-    during the forward pass, and all steps' activations are live at once.
-    Here the recomputation's inputs depend on the cotangent through data (an
-    exact zero computed from it is added to them), which no scheduler can
-    reorder. Arrays ``fn`` closes over (the support batch, frozen leaves,
-    traced learning rates) become explicit inputs, so their cotangents flow.
-    """
-
-    def checkpointed(x):
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(x)
-        jaxpr = closed.jaxpr
-
-        def run(flat_x, consts):
-            return jaxpr_as_fun(ClosedJaxpr(jaxpr, consts))(*flat_x)
-
-        out = _tied_call(run, jax.tree.leaves(x), list(closed.consts))
-        return jax.tree.unflatten(jax.tree.structure(out_shape), out)
-
-    return checkpointed
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tied_call(run: Callable, flat_x: list, consts: list) -> list:
-    return run(flat_x, consts)
-
-
-def _tied_call_fwd(run: Callable, flat_x: list, consts: list) -> tuple[list, tuple]:
-    return run(flat_x, consts), (flat_x, consts)
-
-
-def _tied_call_bwd(run: Callable, saved: tuple, cts: list) -> tuple[list, list]:
-    flat_x, consts = saved
-    # One element of one cotangent is enough to order the recomputation after the backward
-    # pass of the next step; XLA copies this scalar into every fusion that reads it.
-    first = next((c.ravel()[0] for c in cts if _is_float(c) and c.size), None)
-    if first is not None:
-        # Exactly zero, also for a non-finite cotangent; XLA does not fold x * 0 for floats.
-        zero = jax.lax.select(jnp.isfinite(first), first * 0, jnp.zeros_like(first))
-        flat_x = [x + zero.astype(x.dtype) if _is_float(x) else x for x in flat_x]
-    _, vjp = jax.vjp(run, flat_x, consts)
-    return vjp(cts)
-
-
-_tied_call.defvjp(_tied_call_fwd, _tied_call_bwd)
-
-
-def _is_float(x: Any) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+def _unrolls(unroll: Any, steps: int) -> bool:
+    """Whether a loop of ``steps`` steps runs unrolled under the ``unroll`` option."""
+    if isinstance(unroll, (bool, np.bool_)):
+        return bool(unroll)
+    if not isinstance(unroll, (int, np.integer)):
+        raise TypeError(f"unroll must be an int or a bool, got {type(unroll).__name__}.")
+    if unroll < 0:
+        raise ValueError(f"unroll must be >= 0 (the longest loop unrolled), got {unroll}.")
+    return steps <= unroll
 
 
 def _check_key(key: Any) -> None:
@@ -363,35 +222,6 @@ def _check_key(key: Any) -> None:
             f"key must be a PRNG key (jax.random.key(seed)), got {type(key).__name__} "
             f"with dtype {dtype} and shape {shape}."
         )
-
-
-def mask_by_path(params: Params, pattern: str | Callable[[str], bool]) -> PyTree:
-    """Builds an ``adapt`` mask from parameter paths.
-
-    Args:
-      params: the parameter pytree.
-      pattern: a regex searched in each leaf's path (``"head"`` matches
-        ``params['head']['kernel']``, whose path reads ``head/kernel``), or a
-        predicate on that path string.
-
-    Returns:
-      A pytree of Python bools, True where the leaf adapts.
-    """
-    match = pattern if callable(pattern) else (lambda path: re.search(pattern, path) is not None)
-    return jax.tree_util.tree_map_with_path(lambda kp, _: bool(match(path_str(kp))), params)
-
-
-def path_str(key_path: Sequence[Any]) -> str:
-    """``('head', 'kernel')``-style key path as ``'head/kernel'``."""
-    parts = []
-    for k in key_path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def _check_per_step_support(support: Batch, steps: int) -> None:
@@ -410,7 +240,7 @@ def _check_steps(steps: Any) -> None:
         raise ValueError(f"steps must be >= 0, got {steps}.")
 
 
-def check_learning_rate(name: str, lr: Any) -> None:
+def _check_learning_rate(name: str, lr: Any) -> None:
     """Raises if a concrete learning rate is negative or not finite (traced ones pass)."""
     for leaf in jax.tree.leaves(lr):
         if isinstance(leaf, jax.core.Tracer):
@@ -441,7 +271,7 @@ def _mask_flags(mask: PyTree | None, params: Params) -> list[bool]:
 
 def _lr_schedule(lr: Any, params: Params, steps: int, flags: list[bool]):
     """Returns ``lr_at(k) -> [rate per adapted leaf]``, ``k`` a Python or traced int."""
-    check_learning_rate("lr", lr)
+    _check_learning_rate("lr", lr)
     leaves = jax.tree.leaves(params)
     active = [x for f, x in zip(flags, leaves) if f]
     lr_is_leaf = jax.tree_util.treedef_is_leaf(jax.tree.structure(lr))
@@ -463,7 +293,7 @@ def _lr_schedule(lr: Any, params: Params, steps: int, flags: list[bool]):
         )
     rates = [r for f, r in zip(flags, jax.tree.leaves(lr)) if f]
     for r, p in zip(rates, active):
-        if jnp.ndim(r) == jnp.ndim(p) + 1:  # per step: see rate_at
+        if jnp.ndim(r) == jnp.ndim(p) + 1:  # per step: see _rate_at
             if jnp.shape(r)[0] != steps:
                 raise ValueError(f"per-step lr leaf has {jnp.shape(r)[0]} steps, expected {steps}.")
             trailing = jnp.shape(r)[1:]
@@ -476,10 +306,10 @@ def _lr_schedule(lr: Any, params: Params, steps: int, flags: list[bool]):
                 f"lr leaf of shape {jnp.shape(r)} does not broadcast to its parameter's "
                 f"shape {jnp.shape(p)}."
             ) from None
-    return lambda k: [rate_at(r, p, k) for r, p in zip(rates, active)]
+    return lambda k: [_rate_at(r, p, k) for r, p in zip(rates, active)]
 
 
-def rate_at(rate: Any, param: Any, k: Any) -> jax.Array:
+def _rate_at(rate: Any, param: Any, k: Any) -> jax.Array:
     """One leaf's learning rate at inner step ``k``: a rate with one more axis than its
     parameter is per step (indexed by ``k``); any other rate broadcasts to the parameter."""
     rate = jnp.asarray(rate)  # host (numpy) rates cannot be indexed by a traced k

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metajax.inner import path_str
+from metajax.paths import path_str
 from metajax.types import Params, PyTree
 
 BASE, FACTORS = "base", "lora"

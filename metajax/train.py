@@ -18,7 +18,7 @@ import optax
 from jax.sharding import AxisType, Mesh
 
 from metajax import parallel as _parallel
-from metajax.algorithms.base import MetaLearner
+from metajax.algorithms import MetaLearner
 from metajax.types import LossFn, MetricFn, Params, PyTree, Task
 
 

@@ -109,3 +109,23 @@ def test_decoding_benchmark_smoke():
     result = json.loads(done.stdout)
     # 4 prompts, 12 tokens each: scaled random weights never emit END early.
     assert result["generated_tokens"] == 4 * 12 and result["speedup"] > 0
+
+
+def test_inner_loop_default_smoke(tmp_path):
+    # Smoke sizes: 2 inner steps timed, remat compiled at 2 and 12 steps.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.inner_loop_default", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, check=True, timeout=600,
+    )  # fmt: skip
+    result = json.loads((tmp_path / "inner_loop_default.json").read_text())
+    step = result["step"]
+    assert set(step) == {"default", "unroll", "scan", "hand"}
+    # Every form computes the hand-written meta-gradient (the script refuses to time otherwise).
+    assert all(r["rel_diff_vs_hand"] < 1e-5 and r["median_s"] > 0 for r in step.values())
+    # Two steps are a short loop: the default is the unrolled program itself, not the scan.
+    assert step["unroll"]["same_program_as_default"] and not step["scan"]["same_program_as_default"]
+    few, many, scan = result["remat"]
+    assert (few["inner_steps"], many["inner_steps"], scan["inner_steps"]) == (2, 12, 2)
+    assert (few["loops"], many["loops"], scan["loops"]) == (False, True, True)
+    assert all(r["temp_mb"] > 0 and r["compile_s"] > 0 for r in result["remat"])

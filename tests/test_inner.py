@@ -209,5 +209,47 @@ def test_key_input_errors(problem):
             lr=0.1,
             key=jax.random.split(jax.random.key(0)),
         )
-    with pytest.raises(TypeError, match="unroll must be a bool"):
-        mj.adapt(mse_loss, params, task.support, steps=1, lr=0.1, unroll=2)
+    with pytest.raises(TypeError, match="unroll must be an int or a bool"):
+        mj.adapt(mse_loss, params, task.support, steps=1, lr=0.1, unroll=2.0)
+    with pytest.raises(ValueError, match="unroll must be >= 0"):
+        mj.adapt(mse_loss, params, task.support, steps=1, lr=0.1, unroll=-1)
+
+
+def _loops(problem, steps, **kw) -> bool:
+    """Whether the jitted second-order gradient through ``steps`` inner steps has a loop."""
+    params, task = problem
+    meta_loss = lambda p: mse_loss(
+        mj.adapt(mse_loss, p, task.support, steps=steps, lr=0.1, **kw), task.query
+    )
+    return "stablehlo.while" in jax.jit(jax.grad(meta_loss)).lower(params).as_text()
+
+
+@pytest.mark.parametrize(
+    ("steps", "kw", "loops"),
+    [
+        (mj.inner.UNROLL, {}, False),  # the default unrolls loops up to UNROLL steps
+        (mj.inner.UNROLL + 1, {}, True),  # and scans longer ones
+        (mj.inner.UNROLL + 1, dict(remat=True), True),
+        (4, dict(unroll=3), True),
+        (3, dict(unroll=3), False),
+        (20, dict(unroll=True), False),
+        (2, dict(unroll=False), True),
+        (2, dict(unroll=0), True),
+    ],
+)
+def test_unroll_is_the_longest_loop_unrolled(problem, steps, kw, loops):
+    assert _loops(problem, steps, **kw) == loops
+
+
+def test_every_algorithm_takes_the_same_unroll_default():
+    import inspect
+
+    from metajax.run.config import AlgorithmConfig
+
+    defaults = {
+        fn.__name__: inspect.signature(fn).parameters["unroll"].default
+        for fn in (mj.maml, mj.anil, mj.reptile, mj.meta_sgd, mj.mamlpp, mj.imaml, mj.pretrain)
+    }
+    assert defaults == dict.fromkeys(defaults, mj.inner.UNROLL)
+    assert inspect.signature(mj.adapt).parameters["unroll"].default == mj.inner.UNROLL
+    assert AlgorithmConfig().unroll == mj.inner.UNROLL  # the runner's default is the library's

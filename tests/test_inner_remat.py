@@ -8,6 +8,7 @@ import pytest
 from toy import mlp_init, mse_loss, rel_error
 
 import metajax as mj
+from metajax import _remat
 
 # 512 examples through two tanh layers of width 32: each step's activations (about 512 x 32
 # floats per layer and their second-order backward terms) outweigh the 1.2k parameters about
@@ -40,13 +41,20 @@ def temp_bytes(problem, **kw) -> int:
 
 
 # The unrolled program (and its compile time) grows with the steps: 12 steps already
-# checkpoint in segments (4 of 3 steps), like 50 do (10 of 5).
+# checkpoint in segments (3 of 4 steps), like 50 do (5 of 10).
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 @pytest.mark.parametrize(("unroll", "many"), [(False, 50), (True, 12)])
 def test_remat_memory_does_not_grow_with_steps(problem, unroll, many, inner):
     kw = dict(unroll=unroll, remat=True, **INNER[inner])
     few_bytes = temp_bytes(problem, steps=5, **kw)
     many_bytes = temp_bytes(problem, steps=many, **kw)
+    assert many_bytes / few_bytes <= 1.5, (few_bytes, many_bytes)
+
+
+def test_default_remat_memory_does_not_grow_with_steps(problem):
+    # The default unrolls 5 steps (a checkpoint per step) and scans 50 (2 x 5 x 5 segments).
+    few_bytes = temp_bytes(problem, steps=5, remat=True, lr=0.05)
+    many_bytes = temp_bytes(problem, steps=50, remat=True, lr=0.05)
     assert many_bytes / few_bytes <= 1.5, (few_bytes, many_bytes)
 
 
@@ -61,9 +69,8 @@ def test_without_remat_memory_grows_with_steps(problem):
 @pytest.mark.parametrize("unroll", [False, True])
 def test_remat_equals_no_remat(problem, unroll, rule):
     # Every part of the schedule, in order (a rate per step catches a step taken out of
-    # order). Scanned, 50 steps nest four levels (two segments of 17 and a tail of 16, each
-    # in turn segmented, with tails). Unrolled, 11 steps are three segments of 3 and two
-    # single steps. Adam, slower to compile, takes 6: three segments of 2.
+    # order). Scanned, 50 steps nest three levels (2 x 5 x 5). Unrolled, 11 steps are
+    # segments of 4, 4 and 3. Adam, slower to compile, takes 6: two segments of 3.
     params, support, query = problem
     steps = 6 if rule == "adam" else (11 if unroll else 50)
     lr = jnp.linspace(0.02, 0.08, steps)
@@ -114,3 +121,20 @@ def test_unrolled_remat_supports_grad_of_grad(problem):
 
     want, got = (jax.grad(grad_norm)(params, remat) for remat in (False, True))
     assert rel_error(got, want) < 1e-5
+
+
+def test_scanned_remat_program_does_not_grow_with_steps(problem):
+    # One loop body per level of equal segments, whatever the step count: 50 steps (2 x 5 x 5)
+    # and 210 (5 x 6 x 7) lower to as many loops, and so do 49 and 203, whose last step is a
+    # skipped pad step; segments with left-over tails would add loops for every distinct
+    # tail length, and compile time with them.
+    def loops(steps):
+        params, support, query = problem
+        kw = dict(steps=steps, lr=0.05, remat=True, unroll=False)
+        grad = jax.jit(jax.grad(lambda p: meta_loss(p, support, query, **kw)))
+        return grad.lower(params).as_text().count("stablehlo.while")
+
+    assert _remat.schedule(49, _remat.SCAN_LEVELS) == (2, 5, 5)
+    assert _remat.schedule(203, _remat.SCAN_LEVELS) == (5, 6, 7)
+    counts = {steps: loops(steps) for steps in (49, 50, 203, 210)}
+    assert len(set(counts.values())) == 1 and counts[50] > loops(5), counts

@@ -183,7 +183,7 @@ def test_inner_loop_moves_only_what_the_mask_adapts(adapt):
     # Two steps: B moves at the first, A at the second (its gradient carries a factor B).
     assert all(jax.tree.leaves(moved["lora"]))
     base_moved = {
-        mj.inner.path_str(kp): m for kp, m in jax.tree_util.tree_flatten_with_path(moved["base"])[0]
+        mj.path_str(kp): m for kp, m in jax.tree_util.tree_flatten_with_path(moved["base"])[0]
     }
     expected = {p: adapt == "lora+norm" and ("ln_" in p) for p in base_moved}
     assert base_moved == expected

@@ -180,32 +180,43 @@ def test_jit_equals_eager_and_does_not_recompile():
 
 
 @pytest.mark.parametrize(
-    "variant", [dict(remat=True), dict(unroll=False), dict(remat=True, unroll=False)]
+    "variant",
+    [
+        dict(unroll=False),
+        dict(unroll=False, remat=True),
+        dict(unroll=True, remat=True),
+        dict(remat=True),
+    ],
 )
-@pytest.mark.parametrize("steps", [3, 7])
-def test_remat_and_scan_equal_unrolled(variant, steps):
-    # remat with scan checkpoints segments of ceil(sqrt(steps)) steps: 7 steps are two
-    # segments of 3 and a tail of 1. A rate per step catches a step taken out of order.
-    params = mlp_init(jax.random.key(17))
-    tasks = sine_tasks(jax.random.key(18))
-    lr = ALPHA * jnp.linspace(0.5, 1.5, steps)
-    base, _ = mj.maml(mse_loss, inner_steps=steps, inner_lr=lr).meta_grad(params, tasks)
-    other, _ = mj.maml(mse_loss, inner_steps=steps, inner_lr=lr, **variant).meta_grad(params, tasks)
-    assert rel_error(other, base) < 1e-5
-    one = take_task(tasks, 0)
-    want = mj.adapt_trace(
-        mse_loss, params, one.support, steps=steps, lr=lr, trace_fn=lambda p: mse_loss(p, one.query)
-    )[1]
-    got = mj.adapt_trace(
-        mse_loss,
-        params,
-        one.support,
-        steps=steps,
-        lr=lr,
-        **variant,
-        trace_fn=lambda p: mse_loss(p, one.query),
-    )[1]
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+@pytest.mark.parametrize("steps", [3, 7, 30])
+def test_scanned_and_remat_equal_unrolled(variant, steps):
+    # The reference unrolls without remat. Scanned with remat, 3 steps run in one scan, 7 in
+    # two segments of 4 (the eighth a skipped pad step) and 30 nest three levels (2 x 3 x 5);
+    # unrolled with remat, 7 are segments of 4 and 3 and 30 five segments of 6. In float64 the
+    # forms agree to rounding, so a step taken out of order or twice (a rate per step would
+    # show it) or a pad step that is not skipped fails by orders of magnitude.
+    with jax.enable_x64(True):
+        params = mlp_init(jax.random.key(17), dtype=jnp.float64)
+        tasks = sine_tasks(jax.random.key(18), dtype=jnp.float64)
+        lr = ALPHA * jnp.linspace(0.5, 1.5, steps)
+        make = lambda **kw: mj.maml(mse_loss, inner_steps=steps, inner_lr=lr, **kw)
+        want, _ = make(unroll=True).meta_grad(params, tasks)
+        got, _ = make(**variant).meta_grad(params, tasks)
+        assert rel_error(got, want) < 1e-10
+        one = take_task(tasks, 0)
+        trace = lambda **kw: mj.adapt_trace(
+            mse_loss,
+            params,
+            one.support,
+            steps=steps,
+            lr=lr,
+            trace_fn=lambda p: mse_loss(p, one.query),
+            **kw,
+        )[1]
+        want_trace, got_trace = trace(unroll=True), trace(**variant)
+        assert got_trace.shape == (steps + 1,)
+        np.testing.assert_allclose(got_trace, want_trace, rtol=1e-10)
+        assert float(want_trace[-1]) < float(want_trace[0]) - 0.05  # the steps do adapt
 
 
 def test_adam_inner_loop_matches_finite_differences():

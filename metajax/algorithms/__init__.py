@@ -1,7 +1,7 @@
 """Meta-learning algorithms, one per file, all of the :class:`MetaLearner` shape."""
 
+from metajax.algorithms._base import MetaLearner, make_meta_learner, mean_over_tasks
 from metajax.algorithms.anil import anil
-from metajax.algorithms.base import MetaLearner, make_meta_learner, mean_over_tasks
 from metajax.algorithms.imaml import imaml
 from metajax.algorithms.maml import maml
 from metajax.algorithms.mamlpp import mamlpp, mamlpp_weights

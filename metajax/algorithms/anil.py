@@ -7,9 +7,10 @@ from typing import Any
 
 import optax
 
-from metajax.algorithms.base import MetaLearner
+from metajax.algorithms._base import MetaLearner
 from metajax.algorithms.maml import maml
-from metajax.inner import mask_by_path
+from metajax.inner import UNROLL
+from metajax.paths import mask_by_path
 from metajax.types import LossFn, MetricFn
 
 
@@ -22,7 +23,7 @@ def anil(
     first_order: bool = False,
     remat: bool = False,
     inner_optimizer: optax.GradientTransformation | None = None,
-    unroll: bool | None = None,
+    unroll: int = UNROLL,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
@@ -54,7 +55,8 @@ def anil(
       first_order: first-order ANIL.
       remat: rematerialise each inner step in the backward pass.
       inner_optimizer: an optax transformation as the inner optimizer.
-      unroll: unrolled Python loop (True) or ``lax.scan`` (False); None: adapt's default.
+      unroll: the longest inner loop run unrolled; longer ones run in a ``lax.scan``
+        (True: every loop unrolled, False: every loop scanned); see :func:`metajax.adapt`.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
       unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
-from metajax.algorithms.base import (
+from metajax.algorithms._base import (
     MetaLearner,
     call_loss,
     check_inner_rule,
@@ -18,7 +19,7 @@ from metajax.algorithms.base import (
     query_metrics,
     split_task_key,
 )
-from metajax.inner import adapt_trace
+from metajax.inner import UNROLL, adapt_trace
 from metajax.types import LossFn, MetricFn
 
 
@@ -35,7 +36,7 @@ def imaml(
     inner_optimizer: optax.GradientTransformation | None = None,
     cg_steps: int = 5,
     cg_tol: float = 1e-10,
-    unroll: bool | None = None,
+    unroll: int = UNROLL,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
@@ -47,7 +48,7 @@ def imaml(
     ``phi = argmin loss_fn(phi, support) + reg/2 ||phi - theta||^2`` by
     ``inner_steps`` steps from ``theta`` (the meta-parameters). It is not
     differentiated: it runs under ``stop_gradient``, so ``meta_grad``'s memory
-    does not grow with ``inner_steps`` (use ``unroll=False`` for many steps).
+    does not grow with ``inner_steps``.
     At the solution, ``d phi / d theta = (I + H / reg)^{-1}`` with ``H`` the
     Hessian of the support loss at ``phi``, so the meta-gradient of the query
     loss is ``v = (I + H / reg)^{-1} g`` with ``g = grad loss_fn(phi, query)``.
@@ -71,7 +72,8 @@ def imaml(
         here, so no ``eps_root`` needed).
       cg_steps: maximum CG iterations (the paper uses 5).
       cg_tol: CG stops early when the residual falls below ``cg_tol * ||g||``.
-      unroll: unrolled inner loop (True) or ``lax.scan`` (False).
+      unroll: the longest inner loop run unrolled; longer ones run in a ``lax.scan``
+        (True: every loop unrolled, False: every loop scanned); see :func:`metajax.adapt`.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
       unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
@@ -86,8 +88,6 @@ def imaml(
     check_inner_rule(inner_lr, inner_optimizer)
     if not reg > 0:
         raise ValueError(f"reg must be > 0, got {reg}.")
-
-    loop_kwargs = {} if unroll is None else {"unroll": unroll}
 
     def _adapt_trace(params, support, trace_fn=None, *, steps=None, key=None):
         theta = jax.lax.stop_gradient(params)
@@ -105,7 +105,7 @@ def imaml(
             lr=inner_lr,
             optimizer=inner_optimizer,
             first_order=True,
-            **loop_kwargs,
+            unroll=unroll,
             **key_kwarg(key),
         )
         return jax.lax.stop_gradient(adapted), trace
@@ -126,7 +126,13 @@ def imaml(
         def matvec(v):
             return jax.tree.map(lambda x, hx: x + hx / reg, v, hvp(v))
 
-        v, _ = jax.scipy.sparse.linalg.cg(matvec, g_query, tol=cg_tol, maxiter=cg_steps)
+        # CG on one flat vector: under vmap the leaves' task axes may sit at different
+        # positions (grouped convolutions put it inside a kernel), which cg's device_put
+        # of a pytree refuses.
+        flat_g, unravel = jax.flatten_util.ravel_pytree(g_query)
+        flat_matvec = lambda flat: jax.flatten_util.ravel_pytree(matvec(unravel(flat)))[0]
+        flat_v, _ = jax.scipy.sparse.linalg.cg(flat_matvec, flat_g, tol=cg_tol, maxiter=cg_steps)
+        v = unravel(flat_v)
         residual = jax.tree.map(jnp.subtract, g_query, matvec(v))
         metrics = query_metrics(
             loss_fn, metric_fn, params, phi, task.query, monitor=monitor, loss_after=loss

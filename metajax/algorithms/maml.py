@@ -7,18 +7,19 @@ from typing import Any
 import jax
 import optax
 
-from metajax.algorithms.base import (
+from metajax.algorithms._base import (
     MetaLearner,
     call_loss,
     check_inner_rule,
     check_positive_int,
     fixed_inner_loop,
     grad_of_task_loss,
+    loss_and_grad,
     make_meta_learner,
     query_metrics,
     split_task_key,
-    value_and_grad_of_loss,
 )
+from metajax.inner import UNROLL
 from metajax.types import LossFn, MetricFn, PyTree
 
 
@@ -31,7 +32,7 @@ def maml(
     remat: bool = False,
     inner_optimizer: optax.GradientTransformation | None = None,
     mask: PyTree | None = None,
-    unroll: bool | None = None,
+    unroll: int = UNROLL,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
@@ -57,8 +58,8 @@ def maml(
       remat: rematerialise each inner step in the backward pass.
       inner_optimizer: an optax transformation used as the inner optimizer.
       mask: which parameter leaves adapt (see :func:`metajax.adapt`).
-      unroll: unrolled Python loop (True) or ``lax.scan`` (False); None: the default of
-        :func:`metajax.adapt`.
+      unroll: the longest inner loop run unrolled; longer ones run in a ``lax.scan``
+        (True: every loop unrolled, False: every loop scanned); see :func:`metajax.adapt`.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``,
         reported before and after adaptation (e.g. accuracy).
       task_batch: tasks vmapped at once; None vmaps the whole meta-batch, a
@@ -76,10 +77,13 @@ def maml(
     inner_steps = check_positive_int("inner_steps", inner_steps)
     check_inner_rule(inner_lr, inner_optimizer)
     rule = dict(
-        lr=inner_lr, optimizer=inner_optimizer, first_order=first_order, remat=remat, mask=mask
+        lr=inner_lr,
+        optimizer=inner_optimizer,
+        first_order=first_order,
+        remat=remat,
+        mask=mask,
+        unroll=unroll,
     )
-    if unroll is not None:
-        rule["unroll"] = unroll
     _adapt, _adapt_trace = fixed_inner_loop(loss_fn, inner_steps, **rule)
 
     def task_loss(params, task, *, step=None, key=None):
@@ -95,7 +99,7 @@ def maml(
         del step
         inner_key, query_key = split_task_key(key)
         adapted = jax.lax.stop_gradient(_adapt(params, task.support, key=inner_key))
-        loss, grads = value_and_grad_of_loss(loss_fn, adapted, task.query, query_key)
+        loss, grads = loss_and_grad(loss_fn, adapted, task.query, query_key)
         return grads, query_metrics(
             loss_fn, metric_fn, params, adapted, task.query, monitor=monitor, loss_after=loss
         )

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metajax.algorithms.base import (
+from metajax.algorithms._base import (
     MetaLearner,
     call_loss,
     check_inner_rule,
@@ -35,7 +35,7 @@ from metajax.algorithms.base import (
     query_metrics,
     split_task_key,
 )
-from metajax.inner import adapt_trace
+from metajax.inner import UNROLL, adapt_trace
 from metajax.types import LossFn, MetricFn, PyTree
 
 WeightsFn = Callable[[jax.Array], jax.Array]
@@ -73,7 +73,7 @@ def mamlpp(
     first_order_until: int = 0,
     remat: bool = False,
     mask: PyTree | None = None,
-    unroll: bool | None = None,
+    unroll: int = UNROLL,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
@@ -113,7 +113,8 @@ def mamlpp(
         second order (``lax.cond``: both are compiled, one runs).
       remat: rematerialise each inner step in the backward pass.
       mask: which parameter leaves adapt (see :func:`metajax.adapt`).
-      unroll: unrolled Python loop (True) or ``lax.scan`` (False); None: adapt's default.
+      unroll: the longest inner loop run unrolled; longer ones run in a ``lax.scan``
+        (True: every loop unrolled, False: every loop scanned); see :func:`metajax.adapt`.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
       unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
@@ -138,8 +139,6 @@ def mamlpp(
             meta_params["lr"] = full_like_rates(params, initial, steps=inner_steps)
         return meta_params
 
-    loop_kwargs = {} if unroll is None else {"unroll": unroll}
-
     def run(meta_params, support, trace_fn, steps, first_order, key=None):
         steps = inner_steps if steps is None else steps
         if lslr:
@@ -161,7 +160,7 @@ def mamlpp(
             first_order=first_order,
             remat=remat,
             mask=mask,
-            **loop_kwargs,
+            unroll=unroll,
             **key_kwarg(key),
             **rule,
         )

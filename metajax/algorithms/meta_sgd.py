@@ -6,7 +6,7 @@ from typing import Any
 
 import optax
 
-from metajax.algorithms.base import (
+from metajax.algorithms._base import (
     MetaLearner,
     call_loss,
     check_inner_rule,
@@ -19,7 +19,7 @@ from metajax.algorithms.base import (
     query_metrics,
     split_task_key,
 )
-from metajax.inner import adapt_trace
+from metajax.inner import UNROLL, adapt_trace
 from metajax.types import LossFn, MetricFn, PyTree
 
 
@@ -32,7 +32,7 @@ def meta_sgd(
     first_order: bool = False,
     remat: bool = False,
     mask: PyTree | None = None,
-    unroll: bool | None = None,
+    unroll: int = UNROLL,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
@@ -66,7 +66,8 @@ def meta_sgd(
       remat: rematerialise each inner step in the backward pass.
       mask: which parameter leaves adapt (see :func:`metajax.adapt`); frozen
         leaves' rates get zero gradient.
-      unroll: unrolled Python loop (True) or ``lax.scan`` (False); None: adapt's default.
+      unroll: the longest inner loop run unrolled; longer ones run in a ``lax.scan``
+        (True: every loop unrolled, False: every loop scanned); see :func:`metajax.adapt`.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
       unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
@@ -82,8 +83,6 @@ def meta_sgd(
     def init(params):
         return {"params": params, "lr": full_like_rates(params, initial_rate)}
 
-    loop_kwargs = {} if unroll is None else {"unroll": unroll}
-
     def _adapt_trace(meta_params, support, trace_fn=None, *, steps=None, key=None):
         return adapt_trace(
             loss_fn,
@@ -95,7 +94,7 @@ def meta_sgd(
             first_order=first_order,
             remat=remat,
             mask=mask,
-            **loop_kwargs,
+            unroll=unroll,
             **key_kwarg(key),
         )
 

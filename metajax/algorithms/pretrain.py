@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metajax.algorithms.base import (
+from metajax.algorithms._base import (
     MetaLearner,
     call_loss,
     check_inner_rule,
@@ -19,6 +19,7 @@ from metajax.algorithms.base import (
     query_metrics,
     split_task_key,
 )
+from metajax.inner import UNROLL
 from metajax.types import Batch, LossFn, MetricFn, PyTree
 
 
@@ -34,7 +35,7 @@ def pretrain(
     inner_lr: Any = None,
     inner_optimizer: optax.GradientTransformation | None = None,
     mask: PyTree | None = None,
-    unroll: bool | None = None,
+    unroll: int = UNROLL,
     metric_fn: MetricFn | None = None,
     monitor: bool = True,
 ) -> MetaLearner:
@@ -59,7 +60,8 @@ def pretrain(
       inner_lr: SGD fine-tuning learning rate (any form :func:`metajax.adapt` takes).
       inner_optimizer: an optax transformation as the fine-tuning optimizer.
       mask: which parameter leaves fine-tune (see :func:`metajax.adapt`).
-      unroll: unrolled Python loop (True) or ``lax.scan`` (False); None: adapt's default.
+      unroll: the longest inner loop run unrolled; longer ones run in a ``lax.scan``
+        (True: every loop unrolled, False: every loop scanned); see :func:`metajax.adapt`.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       monitor: also report the query metrics before fine-tuning.
 
@@ -69,9 +71,7 @@ def pretrain(
     inner_steps = check_positive_int("inner_steps", inner_steps)
     check_inner_rule(inner_lr, inner_optimizer)
 
-    rule = dict(lr=inner_lr, optimizer=inner_optimizer, first_order=True, mask=mask)
-    if unroll is not None:
-        rule["unroll"] = unroll
+    rule = dict(lr=inner_lr, optimizer=inner_optimizer, first_order=True, mask=mask, unroll=unroll)
     _adapt, _adapt_trace = fixed_inner_loop(loss_fn, inner_steps, **rule)
 
     def task_loss(params, task, *, step=None, key=None):

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metajax.algorithms.base import (
+from metajax.algorithms._base import (
     MetaLearner,
     check_positive_int,
     grad_of_task_loss,

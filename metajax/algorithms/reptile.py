@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metajax.algorithms.base import (
+from metajax.algorithms._base import (
     MetaLearner,
     check_inner_rule,
     check_positive_int,
@@ -17,6 +17,7 @@ from metajax.algorithms.base import (
     make_meta_learner,
     query_metrics,
 )
+from metajax.inner import UNROLL
 from metajax.types import LossFn, MetricFn, PyTree
 
 
@@ -27,7 +28,7 @@ def reptile(
     inner_lr: Any = None,
     inner_optimizer: optax.GradientTransformation | None = None,
     mask: PyTree | None = None,
-    unroll: bool | None = None,
+    unroll: int = UNROLL,
     metric_fn: MetricFn | None = None,
     task_batch: int | None = None,
     unroll_tasks: bool = False,
@@ -48,7 +49,8 @@ def reptile(
       inner_optimizer: an optax transformation as the inner optimizer (the
         paper used Adam).
       mask: which parameter leaves adapt.
-      unroll: unrolled Python loop (True) or ``lax.scan`` (False); None: adapt's default.
+      unroll: the longest inner loop run unrolled; longer ones run in a ``lax.scan``
+        (True: every loop unrolled, False: every loop scanned); see :func:`metajax.adapt`.
       metric_fn: optional ``metric_fn(params, batch) -> {name: scalar}``.
       task_batch: tasks vmapped at once (None: all); see :func:`metajax.maml`.
       unroll_tasks: unroll the loop over task groups; see :func:`metajax.maml`.
@@ -66,9 +68,7 @@ def reptile(
 
     if inner_batch is not None:
         inner_batch = check_positive_int("inner_batch", inner_batch)
-    rule = dict(lr=inner_lr, optimizer=inner_optimizer, first_order=True, mask=mask)
-    if unroll is not None:
-        rule["unroll"] = unroll
+    rule = dict(lr=inner_lr, optimizer=inner_optimizer, first_order=True, mask=mask, unroll=unroll)
     _adapt, _adapt_trace = fixed_inner_loop(loss_fn, inner_steps, **rule)
     _train_adapt, _ = fixed_inner_loop(
         loss_fn, inner_steps, support_per_step=inner_batch is not None, **rule

@@ -2,16 +2,16 @@
 
 The algorithm table says which ``metajax.algorithms`` function each ``algorithm.name`` is;
 the settings of :class:`~metajax.run.config.AlgorithmConfig` that the function takes are
-passed on, and one it does not take must keep its default. Metric-based algorithms
-(ProtoNets) meta-learn the family's ``embedding`` instead of its model: this module is the
-only place that knows.
+passed on, and one it does not take must keep its default (one from a config file is reset
+by :func:`drop_untaken_settings`). Metric-based algorithms (ProtoNets) meta-learn the
+family's ``embedding`` instead of its model: this module is the only place that knows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import optax
@@ -134,6 +134,41 @@ def _spec(name: str) -> AlgorithmSpec:
     return ALGORITHMS[name]
 
 
+def _takes(spec: AlgorithmSpec, field: str) -> bool:
+    """Whether the algorithm takes ``AlgorithmConfig.field`` (or fixes it)."""
+    if field in ("inner_optimizer", "inner_optimizer_args"):
+        field = "inner_optimizer"
+    return field in spec.fixed or field in inspect.signature(spec.fn).parameters
+
+
+def drop_untaken_settings(config: Config, given: Iterable[str] = ()) -> tuple[Config, list[str]]:
+    """Resets the algorithm settings the named algorithm does not take to their defaults.
+
+    A config file written for one algorithm sets what that algorithm takes (an inner rate,
+    inner steps); naming another one (``--set algorithm.name=protonets``) should not fail on
+    them. Settings in ``given`` (dotted keys, those set on the command line) are kept, so
+    :func:`make_algorithm` still refuses them. An unknown name is left for it to report.
+
+    Returns:
+      The config and the dotted keys reset, in field order.
+    """
+    if config.algorithm.name not in ALGORITHMS:
+        return config, []
+    spec, defaults, given = ALGORITHMS[config.algorithm.name], AlgorithmConfig(), set(given)
+    reset = {}
+    for field in dataclasses.fields(AlgorithmConfig):
+        name, key = field.name, f"algorithm.{field.name}"
+        value = getattr(config.algorithm, name)
+        if name == "name" or key in given or value == getattr(defaults, name):
+            continue
+        if not _takes(spec, name):
+            reset[name] = getattr(defaults, name)
+    if not reset:
+        return config, []
+    algorithm = dataclasses.replace(config.algorithm, **reset)
+    return dataclasses.replace(config, algorithm=algorithm), [f"algorithm.{n}" for n in reset]
+
+
 def make_algorithm(cfg: AlgorithmConfig, setup: Setup, extra: dict | None = None) -> MetaLearner:
     """The :class:`MetaLearner` ``cfg`` names, on the family's losses (or embedding)."""
     spec = _spec(cfg.name)
@@ -145,6 +180,8 @@ def make_algorithm(cfg: AlgorithmConfig, setup: Setup, extra: dict | None = None
         if name in _RUNNER_FIELDS:
             continue
         value = getattr(cfg, name)
+        if name == "unroll" and value is None:  # a config.json may say null: the default
+            continue
         if name in spec.fixed:
             if value != getattr(defaults, name) and value != spec.fixed[name]:
                 raise ConfigError(

@@ -34,7 +34,8 @@ class AlgorithmConfig:
       first_order: stop the gradient through the inner gradients (maml, anil, meta_sgd,
         mamlpp).
       remat: recompute each inner step in the backward pass instead of storing it.
-      unroll: True unrolls the inner loop, False scans it; none: metajax.adapt's default.
+      unroll: the longest inner loop unrolled; longer ones are scanned (true: unroll every
+        loop, false: scan every loop); metajax.adapt's default.
       task_batch: tasks vmapped at once (none: the whole meta-batch).
       unroll_tasks: with task_batch, unroll the loop over task groups (ConvNets on a CPU).
       monitor: also log the query loss and metrics before adaptation.
@@ -58,7 +59,7 @@ class AlgorithmConfig:
     inner_lr: float = 0.01
     first_order: bool = False
     remat: bool = False
-    unroll: bool | None = None
+    unroll: int | bool = 8
     task_batch: int | None = None
     unroll_tasks: bool = False
     monitor: bool = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +41,10 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> Config:
       spec: an experiment name (a file in :func:`search_path`) or a path,
         optionally followed by ``:variant`` (e.g. ``sinusoid:tiny``).
       overrides: ``"key=value"`` strings with dotted keys (``train.steps=100``).
+
+    An algorithm setting of the file that the algorithm named (by the file or by an
+    override) does not take is reset to its default, with one line on stderr saying so;
+    one set by an override stays, for the build to refuse.
     """
     target, _, variant = spec.partition(":")
     path = Path(target)
@@ -54,7 +59,17 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"{path}: {e}") from None
     if not isinstance(config, Config):
         raise ConfigError(f"{path}: get_config returned {type(config).__name__}, not a Config.")
-    return apply_overrides(config, overrides)
+    config = apply_overrides(config, overrides)
+    from metajax.run.build import drop_untaken_settings  # imports the algorithms: only here
+
+    given = {item.partition("=")[0].strip() for item in overrides}
+    config, dropped = drop_untaken_settings(config, given)
+    if dropped:
+        print(
+            f"metajax: {config.algorithm.name} takes no {', '.join(dropped)}: dropped from {spec}.",
+            file=sys.stderr,
+        )
+    return config
 
 
 def load_module(path: Path) -> ModuleType:

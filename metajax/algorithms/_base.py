@@ -1,4 +1,8 @@
-"""What every meta-learning algorithm shares: its shape, input checks, metrics."""
+"""What every meta-learning algorithm shares: its shape, input checks, metrics.
+
+Private: the pieces a new algorithm is written with are exported, documented, as
+:mod:`metajax.blocks`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metajax.inner import adapt_trace, check_learning_rate, rate_at
+from metajax.inner import _check_learning_rate, _rate_at, adapt_trace
 from metajax.types import Batch, LossFn, MetricFn, Params, PyTree, Task
 
 MetaParams = PyTree
@@ -57,7 +61,7 @@ def call_loss(loss_fn: LossFn, params: Params, batch: Batch, key: jax.Array | No
     return loss_fn(params, batch) if key is None else loss_fn(params, batch, key=key)
 
 
-def value_and_grad_of_loss(loss_fn: LossFn, params: Params, batch: Batch, key=None):
+def loss_and_grad(loss_fn: LossFn, params: Params, batch: Batch, key=None):
     """``(loss, grad)`` of ``loss_fn`` at ``params`` on ``batch`` (``key=`` passed when given)."""
     return jax.value_and_grad(lambda p: call_loss(loss_fn, p, batch, key))(params)
 
@@ -136,7 +140,7 @@ def check_inner_rule(inner_lr: Any, inner_optimizer: Any) -> None:
     if (inner_lr is None) == (inner_optimizer is None):
         raise ValueError("give exactly one of inner_lr (plain SGD) or inner_optimizer (optax).")
     if inner_lr is not None:
-        check_learning_rate("inner_lr", inner_lr)
+        _check_learning_rate("inner_lr", inner_lr)
 
 
 def check_tasks(tasks: Any) -> int:
@@ -316,7 +320,7 @@ def learned_rate_optimizer(
         del params
 
         def scale(r, u):
-            return (rate_at(r, u, count) * u).astype(u.dtype)
+            return (_rate_at(r, u, count) * u).astype(u.dtype)
 
         return jax.tree.map(scale, rates, updates), count + 1
 
