@@ -13,8 +13,8 @@ one inner loop:
 
 - ``lora``: meta-parameters ``{"base", "lora"}`` (rank 8 on every block's ``c_attn``,
   ``c_proj`` and ``c_fc`` kernels), the inner loop adapts the factors only, and the outer
-  Adam trains only the factors (:func:`metajax.lora.freeze_base`), as the ``words_gpt2``
-  family does;
+  Adam trains only the factors (:func:`metajax.lora.freeze_base`), as ``words_lm`` with a
+  pretrained ``task.model`` does;
 - ``full``: the inner and the outer loop train every weight.
 
 Measured as the other benchmarks (benchmarks/measure.py): compile time, FLOPs from

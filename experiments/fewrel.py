@@ -24,7 +24,35 @@ meta-training, 10 at evaluation (Reptile: 5 steps at 0.1, outer SGD 1.0 annealed
 Adam 1e-3 with the meta-gradient clipped to norm 1. Evaluation: accuracy on 600 test tasks
 with 95 % intervals.
 Command: ``metajax train fewrel:5w1s_maml --workdir runs/fewrel_5w1s_maml``.
+
+Pretrained GPT-2 as the sentence encoder (``task.model``, cross-domain protocol): the
+sentences encoded by its BPE tokenizer with the entity markers as text, a sentence the
+concatenation of GPT-2's final states at the last token of ``[E1]`` and ``[E2]`` (GPT-2 is
+causal: the ``[E1]`` state has read only the words before the head; ``--set task.pool=end``
+reads the closing markers instead).
+
+- ``gpt2_5w1s_protonets``, ``gpt2_5w5s_protonets``: Prototypical Networks on the pooled
+  states; the outer loop meta-learns rank-8 LoRA factors of every block, the GPT-2 weights
+  stay frozen. Evaluation has no inner steps.
+- ``gpt2_5w1s_maml``: second-order MAML; the inner loop adapts the factors and a 5-way
+  linear head (zero at the start of every task), one step in meta-training, 5 at
+  evaluation. The inner rate depends on the scale of GPT-2's final states: choose it on the
+  validation relations (``--set task.eval_split=validation``) before reading test numbers.
+- ``gpt2_tiny``, ``gpt2_tiny_protonets``: seconds-long smoke tests on the committed
+  random-weights fixture ``tests/fixtures/gpt2_tiny`` (2 blocks, width 32).
+
+metajax never downloads: put GPT-2 (``huggingface-cli download gpt2 --local-dir
+models/gpt2`` on a machine with internet) at ``models/gpt2`` under the directory the command
+runs in, or ``--set task.model=PATH``; any other model the loader reads works the same,
+e.g. ``metajax train fewrel:5w1s_protonets --set task.model=smollm2-135m --set
+task.trainable_blocks=2`` (the bottom 28 blocks frozen and computed once per sentence).
+Sentences are 96 model tokens (the start token and the four markers, about 4 tokens each,
+included); a 5-way 1-shot task is 30 sequences through the model: hours per thousand
+meta-steps of the 124M GPT-2 on a 2-core CPU.
 """
+
+import dataclasses
+from pathlib import Path
 
 from metajax.run.config import (
     AlgorithmConfig,
@@ -38,11 +66,17 @@ from metajax.run.families.fewrel import FewRelTask
 SETTINGS = {"5w1s": (5, 1), "5w5s": (5, 5)}
 ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "protonets")
 PROTOCOLS = {"": "cross_domain", "indomain": "in_domain"}
+GPT2_VARIANTS = ("5w1s_protonets", "5w1s_maml", "5w5s_protonets")
 VARIANTS = (
     *(f"{p}{s}_{a}" for p in ("", "indomain_") for s in SETTINGS for a in ALGORITHMS),
     "tiny",
     *(f"tiny_{a}" for a in ALGORITHMS[1:]),
+    *(f"gpt2_{v}" for v in GPT2_VARIANTS),
+    "gpt2_tiny",
+    "gpt2_tiny_protonets",
 )
+GPT2 = "models/gpt2"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gpt2_tiny"
 
 
 def _algorithm(algo: str) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
@@ -61,7 +95,61 @@ def _algorithm(algo: str) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGORITHMS}.")
 
 
+def _gpt2(variant: str) -> Config:
+    """``gpt2_<setting>_<algo>`` and ``gpt2_tiny[_protonets]``: a pretrained GPT-2 encoder."""
+    rest = variant.removeprefix("gpt2_")
+    if rest in ("tiny", "tiny_protonets"):
+        # A few meta-steps of the 2-block fixture on 48-token sentences; reads the shared
+        # FewRel files (a few seconds to load).
+        algo = "protonets" if rest == "tiny_protonets" else "maml"
+        algorithm, optimizer, eval_steps = _algorithm(algo)
+        if algo == "maml":
+            algorithm = dataclasses.replace(algorithm, inner_lr=0.1)
+        task = FewRelTask(
+            ways=3, shots=1, queries=2, max_len=48, model=str(FIXTURE), lora_rank=2, lora_alpha=4.0
+        )
+        return Config(
+            name=f"fewrel_gpt2_tiny_{algo}",
+            family="fewrel",
+            task=task,
+            algorithm=algorithm,
+            optimizer=dataclasses.replace(optimizer, lr=1e-2),
+            # meta_batch 8 divides the 8 fake devices of the tests.
+            train=TrainConfig(steps=3, meta_batch=8, log_every=1, checkpoint_every=3),
+            eval=EvalConfig(
+                num_tasks=4,
+                inner_steps=min(eval_steps, 2),
+                chunk=4,
+                table_steps=(0, 1, 2) if eval_steps else (0,),
+            ),
+        )
+    if rest not in GPT2_VARIANTS:
+        raise ValueError(f"fewrel variant {variant!r}: expected one of {VARIANTS}.")
+    setting, algo = rest.split("_")
+    ways, shots = SETTINGS[setting]
+    algorithm, optimizer, _ = _algorithm(algo)
+    eval_steps = 5 if algo == "maml" else 0
+    if algo == "maml":
+        algorithm = dataclasses.replace(algorithm, inner_lr=0.01)
+    return Config(
+        name=f"fewrel_gpt2_{setting}_{algo}",
+        family="fewrel",
+        task=FewRelTask(ways=ways, shots=shots, queries=5, model=GPT2),
+        algorithm=algorithm,
+        optimizer=optimizer,
+        train=TrainConfig(steps=1000, meta_batch=4, log_every=25, checkpoint_every=250),
+        eval=EvalConfig(
+            num_tasks=600,
+            inner_steps=eval_steps,
+            chunk=20,
+            table_steps=(0, 1, 5) if eval_steps else (0,),
+        ),
+    )
+
+
 def get_config(variant: str = "") -> Config:
+    if variant.startswith("gpt2_"):
+        return _gpt2(variant)
     if variant == "tiny" or variant.startswith("tiny_"):
         # A few meta-steps of a 1-block width-16 model on short sentences; reads the shared
         # files (about 2 s to load and tokenize).
@@ -130,4 +218,5 @@ def variants() -> list[str]:
     """Every named variant, for listing and tests."""
     main = [f"{s}_{a}" for s in SETTINGS for a in ALGORITHMS]
     tiny = ["tiny", *(f"tiny_{a}" for a in ALGORITHMS[1:])]
-    return [*tiny, *main, *(f"indomain_{v}" for v in main)]
+    gpt2 = ["gpt2_tiny", "gpt2_tiny_protonets", *(f"gpt2_{v}" for v in GPT2_VARIANTS)]
+    return [*tiny, *main, *(f"indomain_{v}" for v in main), *gpt2]

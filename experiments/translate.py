@@ -24,7 +24,14 @@ budget). ``""`` is ``8_maml``; ``tiny`` is a seconds-long smoke test.
   0, 1, 2, 3, 5, 10, 15 and 20 steps, bits per byte after each.
 
 Command: ``metajax train translate:8_maml --workdir runs/translate_8_maml``.
+
+A pretrained model instead of the byte decoder: ``--set task.model=PATH_OR_NAME`` on any
+variant (a pair becomes the prompt ``English =`` and the target in its tokens; LoRA factors
+meta-learned; ``task.trainable_blocks`` freezes and caches the bottom blocks).
+``gpt2_tiny`` runs it in seconds on the committed random-weights GPT-2 fixture.
 """
+
+from pathlib import Path
 
 from metajax.run.config import (
     AlgorithmConfig,
@@ -41,7 +48,8 @@ STEPS = {8: 600, 32: 300}
 # Greedy chrF is the slow part of an evaluation (600 tasks x 21 decodings); the bits per byte
 # cover every step count, chrF these.
 SCORE_STEPS = (0, 1, 2, 3, 5, 10, 15, 20)
-VARIANTS = ("tiny", *(f"{k}_{a}" for k in SHOTS for a in ALGORITHMS))
+VARIANTS = ("tiny", "gpt2_tiny", *(f"{k}_{a}" for k in SHOTS for a in ALGORITHMS))
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gpt2_tiny"
 
 
 def algorithm(algo: str, shots: int) -> tuple[AlgorithmConfig, OptimizerConfig]:
@@ -61,20 +69,19 @@ def algorithm(algo: str, shots: int) -> tuple[AlgorithmConfig, OptimizerConfig]:
 
 
 def get_config(variant: str = "") -> Config:
-    if variant == "tiny":
+    if variant in ("tiny", "gpt2_tiny"):
         algo_cfg, opt = algorithm("maml", 2)
+        scratch = dict(width=16, depth=1, heads=2, mlp_width=32)
+        gpt2 = dict(model=str(FIXTURE), lora_rank=2, lora_alpha=4.0)
         return Config(
-            name="translate_tiny",
+            name=f"translate_{variant}",
             family="translate",
             task=TaskConfig(
                 shots=2,
                 queries=2,
                 max_len=40,
-                width=16,
-                depth=1,
-                heads=2,
-                mlp_width=32,
                 decode_len=8,
+                **(gpt2 if variant == "gpt2_tiny" else scratch),
             ),
             algorithm=algo_cfg,
             optimizer=opt,

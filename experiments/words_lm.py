@@ -16,9 +16,31 @@ labelled GPU-sized model; ``tiny`` / ``tiny_<algo>`` for smoke tests.
   times: experiments/RESULTS.md.
 - ``_gpu`` (GPU-sized): width 256, 4 blocks, meta-batch 32,
   20000 meta-steps, 5 inner steps.
+
+Pretrained GPT-2 (``task.model``, :mod:`metajax.run.pretrained_choice`): ``gpt2_<algo>`` for
+``maml``, ``fomaml``, ``reptile`` meta-learn rank-8 LoRA factors of every block's attention
+and MLP kernels on K = 4 words per task, scored in bits per GPT-2 token; the pretrained
+weights stay frozen (``task.freeze_base``). ``gpt2_tiny`` / ``gpt2_tiny_fomaml`` /
+``gpt2_tiny_reptile`` run on the committed random-weights fixture ``tests/fixtures/gpt2_tiny``
+(2 blocks, width 32) in seconds. Any variant takes another model with ``--set
+task.model=...`` (a Hugging Face folder, a GGUF file or a registered name such as
+``smollm2-135m``) and a frozen, cached trunk with ``--set task.trainable_blocks=2``.
+
+metajax never downloads: get GPT-2 on a machine with internet (``huggingface-cli download
+gpt2 --local-dir models/gpt2``), copy the folder to ``models/gpt2`` under the directory the
+command runs in (or ``--set task.model=PATH``), then
+``metajax train words_lm:gpt2_maml --workdir runs/words_lm_gpt2_maml``. The first
+``loss_before`` is the pretrained model's own query loss (the factors start at B = 0).
+
+Cost: one second-order step through LoRA on the 124M model is about 0.4 TFLOP per task of
+4 + 4 sequences of 32 tokens (benchmarks/README.md, ``gpt2``); these 16-token words are about
+half that, so a meta-step of 4 tasks is about 0.8 TFLOP and 500 meta-steps take hours on a
+2-core CPU. A GPU (``--set task.dtype=bfloat16``), ``gpt2_fomaml`` (about half the FLOPs),
+or a frozen trunk (``task.trainable_blocks``) makes it affordable.
 """
 
 import dataclasses
+from pathlib import Path
 
 from metajax.run.config import (
     AlgorithmConfig,
@@ -30,12 +52,18 @@ from metajax.run.config import (
 from metajax.run.families.words_lm import WordsTask
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "pretrain")
+GPT2_ALGORITHMS = ("maml", "fomaml", "reptile")
 VARIANTS = (
     *ALGORITHMS,
     *(f"{a}_gpu" for a in ALGORITHMS),
     "tiny",
     *(f"tiny_{a}" for a in ALGORITHMS[1:]),
+    *(f"gpt2_{a}" for a in GPT2_ALGORITHMS),
+    "gpt2_tiny",
+    *(f"gpt2_tiny_{a}" for a in GPT2_ALGORITHMS[1:]),
 )
+GPT2 = "models/gpt2"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gpt2_tiny"
 
 
 def algorithm(algo: str, inner_steps: int, inner_lr: float):
@@ -53,7 +81,51 @@ def algorithm(algo: str, inner_steps: int, inner_lr: float):
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGORITHMS}.")
 
 
+def _gpt2(variant: str) -> Config:
+    """``gpt2_<algo>`` and ``gpt2_tiny[_<algo>]``: LoRA factors of a pretrained GPT-2."""
+    rest = variant.removeprefix("gpt2_")
+    tiny = rest == "tiny" or rest.startswith("tiny_")
+    algo = (rest.removeprefix("tiny").lstrip("_") or "maml") if tiny else rest
+    if algo not in GPT2_ALGORITHMS:
+        raise ValueError(f"words_lm variant {variant!r}: expected one of {VARIANTS}.")
+    if tiny:
+        algo_cfg, opt = algorithm(algo, 1, 0.5)
+        if algo == "reptile":
+            algo_cfg = dataclasses.replace(algo_cfg, inner_steps=2)
+        else:
+            opt = dataclasses.replace(opt, lr=1e-2)
+        task = WordsTask(
+            shots=2,
+            queries=2,
+            max_len=12,
+            num_words=200,
+            model=str(FIXTURE),
+            lora_rank=2,
+            lora_alpha=4.0,
+        )
+        train = TrainConfig(steps=3, meta_batch=8, log_every=3, checkpoint_every=3)
+        evaluation = EvalConfig(num_tasks=8, inner_steps=1, chunk=8, table_steps=(0, 1))
+    else:
+        algo_cfg, opt = algorithm(algo, 1, 0.1)
+        if algo == "reptile":
+            algo_cfg = dataclasses.replace(algo_cfg, inner_steps=3)
+        task = WordsTask(shots=4, queries=4, max_len=16, model=GPT2)
+        train = TrainConfig(steps=500, meta_batch=4, log_every=10, checkpoint_every=100)
+        evaluation = EvalConfig(num_tasks=100, inner_steps=5, chunk=4, table_steps=(0, 1, 5))
+    return Config(
+        name=f"words_lm_gpt2{'_tiny' if tiny else ''}_{algo}",
+        family="words_lm",
+        task=task,
+        algorithm=algo_cfg,
+        optimizer=opt,
+        train=train,
+        eval=evaluation,
+    )
+
+
 def get_config(variant: str = "") -> Config:
+    if variant.startswith("gpt2_"):
+        return _gpt2(variant)
     algo, _, size = (variant or "maml").partition("_")
     if algo == "tiny":
         algo, size = size or "maml", "tiny"

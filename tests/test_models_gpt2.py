@@ -280,3 +280,52 @@ def test_second_order_maml_matches_finite_differences_float64():
     assert float(metrics["loss_after"]) < float(metrics["loss_before"])
     assert np.abs(got).min() > 1e-4  # each checked coordinate has a real gradient
     np.testing.assert_allclose(got, fd, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_top_of_trunk_is_the_full_pass_for_every_split(dtype):
+    model, params = load_gpt2(FIXTURE, dtype=dtype)
+    tokens = jax.random.randint(jax.random.key(3), (2, 10), 0, 320)
+    mask = jnp.arange(10)[None, :] >= jnp.array([[0], [4]])  # the second row left-padded
+    for m in (None, mask):
+        logits = model.apply(params, tokens, m)
+        features = model.apply(params, tokens, m, method="features")
+        for k in range(model.config.n_layer + 1):
+            hidden = model.apply(params, tokens, m, blocks=k, method="trunk")
+            assert hidden.shape == (2, 10, 32) and hidden.dtype == jnp.float32
+            top = model.apply(params, hidden, m, start=k, method="top")
+            # Exactly the same computation in the same order, bf16 included.
+            np.testing.assert_array_equal(top, logits)
+            feats = model.apply(params, hidden, m, start=k, features=True, method="top")
+            np.testing.assert_array_equal(feats, features)
+    # The embeddings alone: wte + wpe.
+    p = params["params"]
+    hidden = model.apply(params, tokens, blocks=0, method="trunk")
+    want = p["wte"]["embedding"][tokens].astype(dtype) + p["wpe"]["embedding"][:10].astype(dtype)
+    np.testing.assert_array_equal(hidden, want.astype(jnp.float32))
+
+
+def test_top_creates_and_needs_only_the_blocks_it_runs():
+    model, params = load_gpt2(FIXTURE)
+    hidden = jnp.zeros((1, 4, 32))
+    init = lambda **kw: jax.eval_shape(
+        lambda h: model.init(jax.random.key(0), h, method="top", **kw), hidden
+    )["params"]
+    assert sorted(init(start=1)) == ["h_1", "ln_f", "wte"]  # the tied head reads wte
+    assert sorted(init(start=1, features=True)) == ["h_1", "ln_f"]
+    trunk = jax.eval_shape(
+        lambda t: model.init(jax.random.key(0), t, blocks=1, method="trunk"),
+        jnp.zeros((1, 4), jnp.int32),
+    )["params"]
+    assert sorted(trunk) == ["h_0", "wpe", "wte"]
+    # apply with only those parameters works and equals the full model's.
+    tokens = jnp.arange(8)[None] % 320
+    h = model.apply(params, tokens, blocks=1, method="trunk")
+    top_params = {"params": {k: params["params"][k] for k in ("h_1", "ln_f", "wte")}}
+    np.testing.assert_array_equal(
+        model.apply(top_params, h, start=1, method="top"), model.apply(params, tokens)
+    )
+    with pytest.raises(ValueError, match="blocks must be an int in \\[0, n_layer = 2\\]"):
+        model.apply(params, tokens, blocks=3, method="trunk")
+    with pytest.raises(ValueError, match="hidden states must be \\(batch, seq, 32\\)"):
+        model.apply(params, tokens, start=1, method="top")

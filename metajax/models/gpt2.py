@@ -220,7 +220,9 @@ class GPT2LM(nn.Module):
         Returns:
           Logits ``(batch, seq, vocab_size)``, float32 (float64 for float64 compute).
         """
-        return self._forward(tokens, attention_mask, hidden=False)
+        return self._run(
+            tokens, attention_mask, start=0, stop=self.config.n_layer, out="logits", embed=True
+        )
 
     def features(self, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """The final hidden states (after ``ln_f``), for a head other than the LM's.
@@ -236,12 +238,100 @@ class GPT2LM(nn.Module):
         Returns:
           ``(batch, seq, n_embd)``, float32 (float64 for float64 compute).
         """
-        return self._forward(tokens, attention_mask, hidden=True)
+        return self._run(
+            tokens, attention_mask, start=0, stop=self.config.n_layer, out="features", embed=True
+        )
+
+    def trunk(
+        self, tokens: jax.Array, attention_mask: jax.Array | None = None, *, blocks: int
+    ) -> jax.Array:
+        """The residual stream after the embeddings and the first ``blocks`` blocks.
+
+        ``top(trunk(tokens, m, blocks=k), m, start=k) == __call__(tokens, m)`` for every
+        ``0 <= k <= n_layer``: a frozen bottom of the model can be computed once and its
+        output reused.
+
+        Args:
+          tokens: as :meth:`__call__`.
+          attention_mask: as :meth:`__call__`.
+          blocks: blocks run after the embeddings, ``0 <= blocks <= n_layer`` (0: the
+            embeddings alone).
+
+        Returns:
+          ``(batch, seq, n_embd)`` in ``promote(float32, dtype)``: lossless for bf16 compute,
+          whose stream :meth:`top` casts back.
+        """
+        _check_blocks(blocks, self.config.n_layer, "blocks")
+        return self._run(tokens, attention_mask, start=0, stop=blocks, out="hidden", embed=True)
+
+    def top(
+        self,
+        hidden: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        start: int,
+        features: bool = False,
+    ) -> jax.Array:
+        """Blocks ``start..n_layer - 1``, ``ln_f``, then the tied LM head, on :meth:`trunk`'s
+        output.
+
+        Only the modules it runs take parameters: ``model.init(key, hidden, start=k,
+        method="top")`` creates no ``wpe`` and no block below ``k``, and ``apply`` needs none
+        (the tied head reads ``wte``).
+
+        Args:
+          hidden: ``(batch, seq, n_embd)``, as ``trunk(tokens, attention_mask, blocks=start)``.
+          attention_mask: the mask :meth:`trunk` was given (None: none).
+          start: the first block to run, ``0 <= start <= n_layer``.
+          features: return the final normed states (as :meth:`features`) instead of logits.
+
+        Returns:
+          Logits ``(batch, seq, vocab_size)``, or ``(batch, seq, n_embd)`` features; float32
+          (float64 for float64 compute).
+        """
+        _check_blocks(start, self.config.n_layer, "start")
+        out = "features" if features else "logits"
+        return self._run(
+            hidden, attention_mask, start=start, stop=self.config.n_layer, out=out, embed=False
+        )
 
     @nn.compact
-    def _forward(self, tokens: jax.Array, attention_mask: jax.Array | None, hidden: bool):
-        # One compact method for both outputs, so the parameter names (wte, wpe, h_i, ln_f)
-        # and hence checkpoints are the same whichever is asked for.
+    def _run(self, x: jax.Array, attention_mask, *, start: int, stop: int, out: str, embed: bool):
+        # One compact method for every part, so the parameter names (wte, wpe, h_i, ln_f) and
+        # hence checkpoints are the same whichever part runs; linen creates parameters only
+        # for the submodules a call reaches.
+        cfg = self.config
+        wte = nn.Embed(
+            cfg.vocab_size,
+            cfg.n_embd,
+            embedding_init=nn.initializers.normal(0.02),
+            name="wte",
+            **_dtypes(cfg),
+        )
+        if embed:
+            key_mask, x = self._embed(wte, x, attention_mask)
+        else:
+            if x.ndim != 3 or x.shape[-1] != cfg.n_embd:
+                raise ValueError(
+                    f"hidden states must be (batch, seq, {cfg.n_embd}), got shape {x.shape}."
+                )
+            key_mask = _key_mask(attention_mask, x.shape[:2])
+            # The stream in the compute dtype, as the full pass carries it (bf16 round trips
+            # through float32 exactly).
+            x = x.astype(cfg.dtype)
+        block = nn.remat(GPT2Block) if cfg.remat else GPT2Block
+        for i in range(start, stop):
+            x = block(cfg, name=f"h_{i}")(x, key_mask)
+        out_dtype = jnp.promote_types(jnp.float32, cfg.dtype)
+        if out == "hidden":
+            return x.astype(out_dtype)
+        x = _layer_norm(cfg, "ln_f")(x)
+        if out == "features":
+            return x.astype(out_dtype)
+        logits = wte.attend(x)  # the head is tied to the token embedding
+        return logits.astype(out_dtype)
+
+    def _embed(self, wte: nn.Embed, tokens: jax.Array, attention_mask: jax.Array | None):
         cfg = self.config
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (batch, seq), got shape {tokens.shape}.")
@@ -249,31 +339,29 @@ class GPT2LM(nn.Module):
             raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}.")
         if tokens.shape[1] > cfg.n_positions:
             raise ValueError(f"sequence length {tokens.shape[1]} > n_positions {cfg.n_positions}.")
-        if attention_mask is None:
-            key_mask = None
+        key_mask = _key_mask(attention_mask, tokens.shape)
+        if key_mask is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         else:
-            if attention_mask.shape != tokens.shape:
-                raise ValueError(
-                    f"attention_mask shape {attention_mask.shape} != tokens shape {tokens.shape}."
-                )
-            key_mask = attention_mask.astype(bool)
             positions = jnp.maximum(jnp.cumsum(key_mask, axis=1) - 1, 0)
-
-        normal = nn.initializers.normal
-        wte = nn.Embed(
-            cfg.vocab_size, cfg.n_embd, embedding_init=normal(0.02), name="wte", **_dtypes(cfg)
-        )
         wpe = nn.Embed(
-            cfg.n_positions, cfg.n_embd, embedding_init=normal(0.01), name="wpe", **_dtypes(cfg)
+            cfg.n_positions,
+            cfg.n_embd,
+            embedding_init=nn.initializers.normal(0.01),
+            name="wpe",
+            **_dtypes(cfg),
         )
-        x = wte(tokens) + wpe(positions)
-        block = nn.remat(GPT2Block) if cfg.remat else GPT2Block
-        for i in range(cfg.n_layer):
-            x = block(cfg, name=f"h_{i}")(x, key_mask)
-        x = _layer_norm(cfg, "ln_f")(x)
-        out_dtype = jnp.promote_types(jnp.float32, cfg.dtype)
-        if hidden:
-            return x.astype(out_dtype)
-        logits = wte.attend(x)  # the head is tied to the token embedding
-        return logits.astype(out_dtype)
+        return key_mask, wte(tokens) + wpe(positions)
+
+
+def _key_mask(attention_mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != tuple(shape):
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != tokens shape {shape}.")
+    return attention_mask.astype(bool)
+
+
+def _check_blocks(value: int, n_layer: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n_layer:
+        raise ValueError(f"{name} must be an int in [0, n_layer = {n_layer}], got {value!r}.")

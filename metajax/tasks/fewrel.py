@@ -98,6 +98,16 @@ def load_file(path: str) -> dict[str, tuple[Sentence, ...]]:
     """One FewRel JSON file, checked: ``{relation id: sentences}`` (cached per path)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        # Only a name looked up in the default folder is helped by pointing elsewhere.
+        default = default_data_dir().resolve()
+        hint = (
+            f" (relative names are looked up in {default}: set task.data_dir or "
+            "$METAJAX_FEWREL_DIR to their folder)"
+            if default in Path(path).resolve().parents
+            else ""
+        )
+        raise FewRelError(f"{path}: no such FewRel JSON file{hint}.") from None
     except (OSError, json.JSONDecodeError) as e:
         raise FewRelError(f"{path}: cannot read a FewRel JSON file: {e}") from None
     if not isinstance(data, dict) or not data:

@@ -6,9 +6,19 @@ inserted around the head and tail (:mod:`metajax.tasks.fewrel`) and an entity-po
 concatenated) classifies them. Gradient-based algorithms adapt the whole classifier, N-way head
 included; ProtoNets meta-learns the same network without its head (``Setup.embedding``).
 
-Model inputs are ``(tokens int32 (n, L), positions int32 (n, 2))``; a user's sentences are
-FewRel dicts (``{"tokens": [...], "h": [name, id, [[positions]]], "t": [...]}``), turned into
-inputs by ``batch_fn(sentences, labels)`` and ``inputs_fn(sentences)``.
+With a pretrained ``task.model`` (:mod:`metajax.run.pretrained_choice`) the sentences are
+encoded by its tokenizer with the markers as text
+(:class:`metajax.tasks.text_encoding.MarkerEncoder`) and the features are the model's final
+states at the last token of the two markers of ``task.pool``, concatenated. Meta-parameters:
+``{"model": {"base", "lora"}, "head": N-way linear head}``; the head starts at zero (every
+class equally likely) and adapts in the inner loop with the factors; ProtoNets meta-learns
+``{"model": ...}`` without the head. A causal model's state at ``[E1]`` has read only what
+comes before the head entity; ``pool="end"`` reads ``[/E1]`` and ``[/E2]`` instead.
+
+Model inputs are ``(tokens int32 (n, L), positions int32 (n, 2))`` (with a frozen trunk,
+``task.trainable_blocks``, its float32 states ``(n, L, width)`` instead of the tokens); a
+user's sentences are FewRel dicts (``{"tokens": [...], "h": [name, id, [[positions]]], "t":
+[...]}``), turned into inputs by ``batch_fn(sentences, labels)`` and ``inputs_fn(sentences)``.
 """
 
 from __future__ import annotations
@@ -21,14 +31,21 @@ import numpy as np
 
 from metajax.models.losses import accuracy_metric, classification_loss
 from metajax.models.transformer import TransformerClassifier, TransformerConfig, TransformerEncoder
+from metajax.run import pretrained_choice
 from metajax.run.config import Config, ConfigError
+from metajax.run.pretrained_choice import SCRATCH, MappedSource, ModelChoice, Pretrained
 from metajax.run.setup import Embedding, Setup
 from metajax.tasks import fewrel
+from metajax.tasks.text_encoding import POOLS, FewRelTokens, MarkerEncoder
+
+# Tokens per sentence of a pretrained model's tokenizer when task.max_len is 0.
+PRETRAINED_MAX_LEN = 96
 
 
+@pretrained_choice.documented
 @dataclasses.dataclass(frozen=True)
-class FewRelTask:
-    """FewRel N-way K-shot relation classification and the Transformer that learns it.
+class FewRelTask(ModelChoice):
+    """FewRel N-way K-shot relation classification and the model that learns it.
 
     Attributes:
       protocol: cross_domain (meta-train on Wikipedia and SemEval relations, test on the 25
@@ -47,18 +64,21 @@ class FewRelTask:
       ways: N relations per task.
       shots: K support sentences per relation.
       queries: query sentences per relation.
-      tokenizer: word (lowercased words of the meta-training sentences, UNK for the rest;
-        at equal compute it meta-learns better than bytes, experiments/fewrel_tokenizers.py)
-        or byte (UTF-8 bytes, about 4 times longer sequences).
-      max_len: tokens per sentence, entity markers included; longer sentences are cut around
-        the entities; 0: 48 for words, 192 for bytes.
-      vocab_size: tokenizer word: the commonest meta-training words kept.
-      width: Transformer width.
-      depth: Transformer blocks.
-      heads: attention heads.
-      mlp_width: hidden width of each block's MLP.
+      tokenizer: scratch: word (lowercased words of the meta-training sentences, UNK for
+        the rest; at equal compute it meta-learns better than bytes,
+        experiments/fewrel_tokenizers.py) or byte (UTF-8 bytes, about 4 times longer).
+      max_len: tokens per sentence, entity markers (and a pretrained model's start token)
+        included; longer sentences are cut around the entities; 0: 48 for words, 192 for
+        bytes, 96 for a pretrained model's tokens.
+      vocab_size: scratch, tokenizer word: the commonest meta-training words kept.
+      width: scratch: Transformer width.
+      depth: scratch: Transformer blocks.
+      heads: scratch: attention heads.
+      mlp_width: scratch: hidden width of each block's MLP.
       eval_split: meta-split evaluated: test (relations never seen in meta-training) or
         validation.
+      pool: pretrained model: start (the states at [E1] and [E2]) or end (at [/E1] and
+        [/E2], which have read their entity in a causal model); scratch pools at start.
     """
 
     protocol: str = "cross_domain"
@@ -79,6 +99,7 @@ class FewRelTask:
     heads: int = 4
     mlp_width: int = 128
     eval_split: str = "test"
+    pool: str = "start"
 
 
 TaskConfig = FewRelTask
@@ -122,6 +143,13 @@ def sources(task: FewRelTask, seed: int) -> tuple[fewrel.FewRel, fewrel.FewRel]:
 
 def build(config: Config) -> Setup:
     task: FewRelTask = config.task
+    pretrained_choice.check(task)
+    if task.pool not in POOLS:
+        raise ConfigError(f"task.pool={task.pool!r}: choose start or end.")
+    if task.model != SCRATCH:
+        return _build_pretrained(config, task)
+    if task.pool != "start":
+        raise ConfigError(f"task.pool={task.pool!r}: the scratch classifier pools at start.")
     train, test = sources(task, config.train.seed)
     net = TransformerConfig(
         vocab_size=train.num_tokens,
@@ -142,17 +170,7 @@ def build(config: Config) -> Setup:
     trunk = {"params": {k: v for k, v in params["params"].items() if k != "head"}}
 
     def batch_fn(sentences, labels):
-        labels = np.asarray(labels)
-        if labels.shape != (len(sentences),) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(
-                f"labels must be {len(sentences)} integers (one per sentence), "
-                f"got {labels.dtype} {labels.shape}."
-            )
-        if labels.min() < 0 or labels.max() >= task.ways:
-            raise ValueError(
-                f"labels must lie in 0..{task.ways - 1}, got {sorted(set(labels.tolist()))}."
-            )
-        return train.encode(sentences), labels.astype(np.int32)
+        return train.encode(sentences), _labels(labels, len(sentences), task.ways)
 
     return Setup(
         params,
@@ -196,3 +214,64 @@ def _check(task: FewRelTask) -> None:
         raise ConfigError(f"task.eval_split={task.eval_split!r}: choose test or validation.")
     if task.width % task.heads:
         raise ConfigError(f"task.width={task.width} is not divisible by task.heads={task.heads}.")
+
+
+def _build_pretrained(config: Config, task: FewRelTask) -> Setup:
+    # The relations, splits and their checks are the scratch family's; the FewRel source's
+    # own tokenizer is never used (bytes need no vocabulary pass over the files).
+    train_rel, test_rel = sources(dataclasses.replace(task, tokenizer="byte"), config.train.seed)
+    max_len = task.max_len or PRETRAINED_MAX_LEN
+    pre = Pretrained(task, config.train.seed, max_len, lm_head=False)
+    try:
+        encoder = MarkerEncoder(pre.encode_ids, pre.start_id, max_len, task.pool)
+    except ValueError as e:
+        raise ConfigError(f"task.{e}") from None
+
+    def embed(params, x):
+        inputs, positions = x
+        states = pre.apply(params["model"], inputs, features=True)
+        pooled = jnp.take_along_axis(states, positions[:, :, None], axis=1)  # (n, 2, d)
+        return pooled.reshape(pooled.shape[0], -1)
+
+    def apply(params, x):
+        return embed(params, x) @ params["head"]["kernel"] + params["head"]["bias"]
+
+    def inputs(sentences):
+        tokens, positions = encoder(list(sentences))
+        return pre.inputs(tokens), positions
+
+    # A zero head: every class starts equally likely, and the first inner step moves each
+    # class's weights towards the mean features of its support sentences.
+    width = 2 * pre.width
+    head = {"kernel": jnp.zeros((width, task.ways)), "bias": jnp.zeros((task.ways,))}
+    params = {"model": pre.meta_params, "head": head}
+    to_inputs = lambda b: ((pre.inputs(b[0][0]), b[0][1]), b[1])
+    return Setup(
+        params,
+        classification_loss(apply),
+        accuracy_metric(apply),
+        MappedSource(FewRelTokens(train_rel, encoder), to_inputs),
+        MappedSource(FewRelTokens(test_rel, encoder), to_inputs),
+        apply,
+        embedding=Embedding({"model": pre.meta_params}, embed, task.ways),
+        head=r"^head/",
+        batch_fn=lambda sentences, labels: (
+            inputs(sentences),
+            _labels(labels, len(sentences), task.ways),
+        ),
+        inputs_fn=inputs,
+        inner_mask=pre.inner_mask(params, config),
+        wrap_optimizer=pre.wrap_optimizer(),
+    )
+
+
+def _labels(labels, n: int, ways: int) -> np.ndarray:
+    """A user's support labels, checked: ``n`` integers in ``0 .. ways - 1``."""
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be {n} integers (one per sentence), got {labels.dtype} {labels.shape}."
+        )
+    if labels.min() < 0 or labels.max() >= ways:
+        raise ValueError(f"labels must lie in 0..{ways - 1}, got {sorted(set(labels.tolist()))}.")
+    return labels.astype(np.int32)

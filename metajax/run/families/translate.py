@@ -8,6 +8,13 @@ next-token cross-entropy on the target bytes and END only (the mask); the metric
 bits per target byte. Meta-test and validation languages come from families and scripts
 never seen in meta-training (:func:`metajax.tasks.translate.language_split`).
 
+With a pretrained ``task.model`` (:mod:`metajax.run.pretrained_choice`) a pair is encoded by
+its tokenizer as the prompt ``start English " ="`` and the target ``" name" end``
+(:class:`metajax.tasks.text_encoding.PairEncoder`), the mask on the target and end; LoRA
+factors are meta-learned, the metrics are bits per token and next-token accuracy. Greedy
+translation runs the whole model (the frozen trunk, if any, then the adapted top) once per
+generated token.
+
 ``predict_fn`` translates greedily (jitted, ``decode_len`` tokens at most): ``inputs_fn`` turns
 a list of English strings into prompts, ``outputs_fn`` the generated tokens into strings, and
 ``batch_fn`` takes the support set as a list of (English, target) string pairs.
@@ -20,17 +27,20 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from metajax.models.decoding import lm_decoder
+from metajax.models.decoding import greedy_decode, lm_decoder
 from metajax.models.losses import next_token_loss
 from metajax.models.transformer import TransformerConfig, TransformerLM
+from metajax.run import pretrained_choice
 from metajax.run.config import Config, ConfigError, require_positive
-from metajax.run.families import words_lm
+from metajax.run.pretrained_choice import SCRATCH, MappedSource, ModelChoice, Pretrained
 from metajax.run.setup import Setup
 from metajax.tasks import translate, words
+from metajax.tasks.text_encoding import PairEncoder, TranslateTokens, pair_translation_metrics
 
 
+@pretrained_choice.documented
 @dataclasses.dataclass(frozen=True)
-class TaskConfig:
+class TaskConfig(ModelChoice):
     """Few-shot English-to-X translation tasks, and the decoder that translates.
 
     Attributes:
@@ -38,12 +48,12 @@ class TaskConfig:
         currencies.
       shots: K, support pairs per task.
       queries: Q, query pairs per task.
-      max_len: tokens per sequence (BOS, English bytes, SEP, target bytes, END); longer pairs
-        are dropped.
-      width: Transformer width.
-      depth: Transformer blocks.
-      heads: attention heads.
-      mlp_width: hidden width of each block's MLP.
+      max_len: tokens per sequence (BOS, English bytes, SEP, target bytes, END; or a
+        pretrained model's tokens); longer pairs are dropped.
+      width: scratch: Transformer width.
+      depth: scratch: Transformer blocks.
+      heads: scratch: attention heads.
+      mlp_width: scratch: hidden width of each block's MLP.
       eval_split: meta-split evaluated: test (held-out families and scripts) or validation
         (for choosing checkpoints and rates).
       decode_len: tokens generated per translation at most (END included); at most
@@ -84,12 +94,23 @@ def check(task: TaskConfig) -> None:
 
 
 def transformer_config(task: TaskConfig) -> TransformerConfig:
-    return words_lm.transformer_config(task, translate.VOCAB_SIZE)
+    """The scratch decoder over :data:`metajax.tasks.translate.VOCAB_SIZE` byte tokens."""
+    return TransformerConfig(
+        vocab_size=translate.VOCAB_SIZE,
+        width=task.width,
+        depth=task.depth,
+        heads=task.heads,
+        mlp_width=task.mlp_width,
+        max_len=task.max_len,
+    )
 
 
 def build(config: Config) -> Setup:
     task: TaskConfig = config.task
+    pretrained_choice.check(task)
     check(task)
+    if task.model != SCRATCH:
+        return _build_pretrained(config, task)
     seed = config.train.seed
     model = TransformerLM(transformer_config(task))
     decoder = lm_decoder(model)  # key-value cache: one position per generated token
@@ -117,6 +138,23 @@ def build(config: Config) -> Setup:
     # chrF and exact match of greedy translations; bits per byte comes from metric_fn.
     score_fn = translate.translation_metrics(model.apply, task.decode_len, decoder, with_bits=False)
 
+    train, test = _sources(task, seed)
+    return Setup(
+        params,
+        next_token_loss(model.apply),
+        metric_fn,
+        train,
+        test,
+        predict_fn,
+        head="head|embed",
+        batch_fn=batch_fn,
+        inputs_fn=inputs_fn,
+        outputs_fn=translate.to_strings,
+        score_fn=score_fn,
+    )
+
+
+def _sources(task: TaskConfig, seed: int) -> tuple[translate.Translate, translate.Translate]:
     common = dict(
         shots=task.shots,
         queries=task.queries,
@@ -124,16 +162,54 @@ def build(config: Config) -> Setup:
         max_len=task.max_len,
         kinds=tuple(task.kinds),
     )
-    return Setup(
-        params,
-        next_token_loss(model.apply),
-        metric_fn,
+    return (
         translate.Translate(split="train", **common),
         translate.Translate(split=task.eval_split, **common),
+    )
+
+
+def _build_pretrained(config: Config, task: TaskConfig) -> Setup:
+    pre = Pretrained(task, config.train.seed, task.max_len)
+    encoder = PairEncoder(
+        pre.encode_ids, pre.tokenizer.decode, pre.start_id, pre.end_id, task.max_len
+    )
+    apply_fn, params_of = pre.decoder()
+    banned = () if pre.start_id == pre.end_id else (pre.start_id,)
+
+    def predict_fn(adapted, inputs):
+        prompts, lengths = inputs
+        return greedy_decode(
+            apply_fn,
+            params_of(adapted),
+            prompts,
+            lengths,
+            steps=task.decode_len,
+            end_id=pre.end_id,
+            pad_id=pre.end_id,
+            banned_ids=banned,
+        )
+
+    scores = pair_translation_metrics(apply_fn, encoder, task.decode_len)
+    loss_fn, metric_fn = pre.next_token_fns()
+    to_batch = lambda b: pre.lm_batch(*b)
+    train, test = (
+        MappedSource(TranslateTokens(s, encoder), to_batch)
+        for s in _sources(task, config.train.seed)
+    )
+    return Setup(
+        pre.meta_params,
+        loss_fn,
+        metric_fn,
+        train,
+        test,
         predict_fn,
-        head="head|embed",
-        batch_fn=batch_fn,
-        inputs_fn=inputs_fn,
-        outputs_fn=translate.to_strings,
-        score_fn=score_fn,
+        head=r"^lora/",
+        batch_fn=lambda pairs, y=None: pre.lm_batch(*encoder.pairs(list(pairs))),
+        inputs_fn=lambda sources: encoder.prompts(list(sources)),
+        outputs_fn=encoder.strings,
+        score_fn=lambda adapted, batch: scores(
+            params_of(adapted), (pre.tokens_of(batch[0]), batch[1])
+        ),
+        inner_mask=pre.inner_mask(pre.meta_params, config),
+        wrap_optimizer=pre.wrap_optimizer(),
     )

@@ -1,10 +1,18 @@
-"""The ``words_lm`` family: few-shot byte-level language modelling of new languages.
+"""The ``words_lm`` family: few-shot language modelling of new languages.
 
-A small decoder :class:`~metajax.models.TransformerLM` over byte tokens (vocabulary
-:data:`metajax.tasks.words.VOCAB_SIZE`); a task is one language, its support K words; the
-loss is next-token cross-entropy (nats), the metric the query bits per byte. Meta-splits are
-by language family (:mod:`metajax.tasks.languages`): meta-test languages and their families
-are never seen in meta-training. ``words_langid`` shares :class:`WordsTask`.
+A task is one language, its support K words; the loss is next-token cross-entropy (nats).
+Meta-splits are by language family (:mod:`metajax.tasks.languages`): meta-test languages and
+their families are never seen in meta-training. The model (``task.model``):
+
+- ``scratch``: a small decoder :class:`~metajax.models.TransformerLM` over byte tokens
+  (vocabulary :data:`metajax.tasks.words.VOCAB_SIZE`); the metric is the query bits per byte.
+- a pretrained model (:mod:`metajax.run.pretrained_choice`): the same words encoded by its
+  tokenizer as ``start word end`` (:class:`metajax.tasks.text_encoding.WordTokens`), LoRA
+  factors meta-learned; the metrics are bits per token and next-token accuracy. Batches are
+  ``(tokens, mask)``, or ``((tokens, states), mask)`` with the frozen trunk's states when
+  ``task.trainable_blocks`` is set; a user's support and query sets are lists of strings.
+
+``words_langid`` shares :class:`WordsTask` and :func:`check` (scratch only).
 """
 
 from __future__ import annotations
@@ -17,25 +25,31 @@ import numpy as np
 
 from metajax.models.losses import next_token_loss
 from metajax.models.transformer import TransformerConfig, TransformerLM
+from metajax.run import pretrained_choice
 from metajax.run.config import Config, ConfigError, require_positive
+from metajax.run.pretrained_choice import SCRATCH, MappedSource, ModelChoice, Pretrained
 from metajax.run.setup import Setup
 from metajax.tasks import words
+from metajax.tasks.text_encoding import TokenEncoder, WordTokens
 
 
+@pretrained_choice.documented
 @dataclasses.dataclass(frozen=True)
-class WordsTask:
-    """Few-shot word tasks over languages, and the Transformer that models them.
+class WordsTask(ModelChoice):
+    """Few-shot word tasks over languages, and the model that learns them.
 
     Attributes:
       shots: K, support words per task (``words_lm``) or per language (``words_langid``).
       queries: query words per task (``words_lm``) or per language (``words_langid``).
       ways: N languages per task (``words_langid`` only).
-      max_len: tokens per word sequence, BOS and EOS included.
+      max_len: tokens per word sequence, both end tokens included (bytes for scratch, the
+        model's tokens otherwise); words of more than max_len - 2 UTF-8 bytes are never
+        drawn, so every word fits.
       num_words: each language's most frequent words to draw from.
-      width: Transformer width.
-      depth: Transformer blocks.
-      heads: attention heads.
-      mlp_width: hidden width of each block's MLP.
+      width: scratch: Transformer width.
+      depth: scratch: Transformer blocks.
+      heads: scratch: attention heads.
+      mlp_width: scratch: hidden width of each block's MLP.
       eval_split: meta-split evaluated: test (held-out language families) or validation.
     """
 
@@ -56,6 +70,14 @@ EVAL_KEYS = ("task.eval_split",)
 
 
 def check(task: WordsTask) -> None:
+    """Range checks of a task for the family's own (scratch) Transformer; any pretrained
+    setting is refused (``words_langid`` takes no pretrained model)."""
+    if task.model != SCRATCH:
+        raise ConfigError(
+            f"task.model={task.model!r}: this family trains its own Transformer; "
+            "leave task.model=scratch."
+        )
+    pretrained_choice.check(task)
     require_positive(
         task, "shots", "queries", "ways", "num_words", "width", "depth", "heads", "mlp_width"
     )
@@ -85,6 +107,8 @@ def tokens(x, max_len: int) -> jnp.ndarray:
 
 def build(config: Config) -> Setup:
     task: WordsTask = config.task
+    if task.model != SCRATCH:
+        return _build_pretrained(config, task)
     check(task)
     seed = config.train.seed
     model = TransformerLM(transformer_config(task))
@@ -101,15 +125,7 @@ def build(config: Config) -> Setup:
         t = tokens(x, task.max_len)
         return t, jnp.asarray(words.target_mask(np.asarray(t)))
 
-    common = dict(
-        shots=task.shots,
-        queries=task.queries,
-        seed=seed,
-        num_words=task.num_words,
-        max_len=task.max_len,
-    )
-    train = words.LanguageModeling(split="train", **common)
-    test = words.LanguageModeling(split=task.eval_split, **common)
+    train, test = _sources(task, seed)
     return Setup(
         params,
         next_token_loss(model.apply),
@@ -120,4 +136,52 @@ def build(config: Config) -> Setup:
         head="head|embed",
         batch_fn=batch_fn,
         inputs_fn=lambda x: tokens(x, task.max_len),
+    )
+
+
+def _sources(task: WordsTask, seed: int) -> tuple[words.LanguageModeling, words.LanguageModeling]:
+    common = dict(
+        shots=task.shots,
+        queries=task.queries,
+        seed=seed,
+        num_words=task.num_words,
+        max_len=task.max_len,
+    )
+    train = words.LanguageModeling(split="train", **common)
+    return train, words.LanguageModeling(split=task.eval_split, **common)
+
+
+def _build_pretrained(config: Config, task: WordsTask) -> Setup:
+    require_positive(task, "shots", "queries", "num_words")
+    if task.max_len < 3:
+        raise ConfigError(f"task.max_len={task.max_len} must be >= 3 (start, a token, end).")
+    if task.eval_split not in ("validation", "test"):
+        raise ConfigError(f"task.eval_split={task.eval_split!r}: choose test or validation.")
+    pre = Pretrained(task, config.train.seed, task.max_len)
+    encoder = TokenEncoder(pre.encode_ids, pre.end_id, task.max_len, pre.start_id)
+
+    def encoded(texts):
+        return encoder(list(texts) if isinstance(texts, tuple) else texts)
+
+    def batch_fn(x, y=None):
+        del y  # the targets are the next tokens
+        return pre.lm_batch(*encoded(x))
+
+    loss_fn, metric_fn = pre.next_token_fns()
+    train, test = (
+        MappedSource(WordTokens(s, encoder), lambda b: pre.lm_batch(*b))
+        for s in _sources(task, config.train.seed)
+    )
+    return Setup(
+        pre.meta_params,
+        loss_fn,
+        metric_fn,
+        train,
+        test,
+        pre.apply,
+        head=r"^lora/",
+        batch_fn=batch_fn,
+        inputs_fn=lambda x: pre.lm_input(encoded(x)[0]),
+        inner_mask=pre.inner_mask(pre.meta_params, config),
+        wrap_optimizer=pre.wrap_optimizer(),
     )

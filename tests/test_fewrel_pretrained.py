@@ -1,5 +1,6 @@
-"""The ``fewrel_gpt2`` family: entity markers in GPT-2 tokens, the GPT-2 features, the task
-draws, meta-gradients of ProtoNets and MAML on the tiny fixture, the CLI, and config errors."""
+"""``fewrel`` with a pretrained model (``task.model``): entity markers in GPT-2 tokens, the
+GPT-2 features, the task draws, meta-gradients of ProtoNets and MAML on the tiny fixture (with
+and without a frozen trunk), the CLI, prediction, and config errors."""
 
 import json
 import math
@@ -16,8 +17,9 @@ from metajax.run import cli, predict
 from metajax.run.build import build as build_experiment
 from metajax.run.config import AlgorithmConfig, Config, ConfigError, TrainConfig
 from metajax.run.config_files import load_config
-from metajax.run.families import fewrel_gpt2 as G
+from metajax.run.families import fewrel as fewrel_family
 from metajax.tasks import fewrel as F
+from metajax.tasks import text_encoding as G
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "gpt2_tiny"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fewrel"
@@ -128,7 +130,7 @@ def _fewrel_byte_text(row):
 def test_tasks_are_fewrels_draws_in_gpt2_tokens_and_pure(tmp_path):
     splits = F.Splits(*((p,) for p in toy_files(tmp_path)))
     common = dict(ways=2, shots=1, queries=2, seed=3)
-    ours = G.GPT2FewRelTasks(F.FewRel(splits, **common, tokenizer="byte"), byte_encoder(96))
+    ours = G.FewRelTokens(F.FewRel(splits, **common, tokenizer="byte"), byte_encoder(96))
     theirs = F.FewRel(splits, **common, tokenizer="byte", max_len=96).sample(5, 3)
     task = ours.sample(5, 3)
     for part, ref in ((task.support, theirs.support), (task.query, theirs.query)):
@@ -158,14 +160,13 @@ def _config(tmp_path, algo, **task):
         shots=1,
         queries=1,
         max_len=40,
-        checkpoint=str(FIXTURE),
-        size="tiny",
+        model=str(FIXTURE),
         lora_rank=2,
     )
     return Config(
         name="t",
-        family="fewrel_gpt2",
-        task=G.FewRelGPT2Task(**{**fields, **task}),
+        family="fewrel",
+        task=fewrel_family.FewRelTask(**{**fields, **task}),
         algorithm=AlgorithmConfig(name=algo, **({"inner_lr": 0.1} if algo == "maml" else {})),
         train=TrainConfig(meta_batch=2),
     )
@@ -184,7 +185,7 @@ def test_meta_gradients_are_finite_and_reach_the_factors(tmp_path, algo):
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     assert math.isfinite(float(metrics["loss_after"]))
     # LoRA's b starts at zero, so the first gradient reaches b (and not a).
-    factors = grads["gpt2"]["lora"]
+    factors = grads["model"]["lora"]
     b = [g for p, g in jax.tree_util.tree_leaves_with_path(factors) if p[-1].key == "b"]
     a = [g for p, g in jax.tree_util.tree_leaves_with_path(factors) if p[-1].key == "a"]
     assert len(b) == 8 and min(_norm(g) for g in b) > 1e-6 and _norm(a) == 0.0
@@ -193,18 +194,18 @@ def test_meta_gradients_are_finite_and_reach_the_factors(tmp_path, algo):
         assert float(metrics["loss_before"]) == pytest.approx(math.log(2), abs=1e-6)
         assert _norm(grads["head"]) > 1e-6
         assert exp.setup.inner_mask["head"]["kernel"] is True
-        assert exp.setup.inner_mask["gpt2"]["base"]["params"]["wte"]["embedding"] is False
+        assert exp.setup.inner_mask["model"]["base"]["params"]["wte"]["embedding"] is False
     else:
-        assert set(grads) == {"gpt2"} and exp.setup.inner_mask is None
+        assert set(grads) == {"model"} and exp.setup.inner_mask is None
     # freeze_base: the outer step leaves the GPT-2 weights exactly as they are.
     updates, _ = exp.optimizer.update(grads, exp.optimizer.init(meta), meta)
-    assert _norm(updates["gpt2"]["base"]) == 0.0 and _norm(updates["gpt2"]["lora"]) > 0
+    assert _norm(updates["model"]["base"]) == 0.0 and _norm(updates["model"]["lora"]) > 0
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/fewrel")
 def test_cli_tiny_trains_evaluates_and_predicts(tmp_path):
     workdir = tmp_path / "run"
-    assert cli.main(["train", "fewrel_gpt2:tiny", "--workdir", str(workdir), "--no-progress"]) == 0
+    assert cli.main(["train", "fewrel:gpt2_tiny", "--workdir", str(workdir), "--no-progress"]) == 0
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[0]["loss_before"] == pytest.approx(math.log(3), abs=1e-5)  # the zero head
@@ -220,7 +221,7 @@ def test_cli_tiny_trains_evaluates_and_predicts(tmp_path):
     ]
     logits = model.adapt_and_predict(support, [0, 1, 2], support[:2])
     assert logits.shape == (2, 3) and np.isfinite(logits).all()
-    with pytest.raises(ValueError, match="labels must lie in 0..2"):
+    with pytest.raises(ValueError, match="must lie in 0..2"):
         model.adapt(support, [0, 1, 3])
 
 
@@ -233,29 +234,30 @@ def test_cli_tiny_trains_evaluates_and_predicts(tmp_path):
         ({"shots": 3, "queries": 2}, "has 4 sentences; shots + queries = 5 are needed"),
         ({"pool": "mean"}, "task.pool='mean': choose start or end"),
         ({"adapt": "bias"}, "task.adapt='bias'"),
-        ({"size": "gpt3"}, "task.size='gpt3': unknown"),
+        ({"trainable_blocks": 3}, "task.trainable_blocks=3 must be in [1, 2]"),
+        ({"lora_rank": 0}, "task.lora_rank=0 must be"),
     ],
 )
 def test_bad_task_values_name_the_field(tmp_path, task, message):
     with pytest.raises(ConfigError) as err:
-        G.build(_config(tmp_path, "maml", **task))
+        fewrel_family.build(_config(tmp_path, "maml", **task))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_missing_checkpoint_folder_names_it(tmp_path, capsys):
+def test_missing_model_names_it(tmp_path, capsys):
     missing = tmp_path / "no_gpt2_here"
-    with pytest.raises(ConfigError, match="does not exist"):
-        G.build(_config(tmp_path, "maml", checkpoint=str(missing)))
+    with pytest.raises(ConfigError, match="not found"):
+        fewrel_family.build(_config(tmp_path, "maml", model=str(missing)))
     # Through the CLI: exit code 2 and the folder in the message.
     code = cli.main(
         [
             "train",
-            "fewrel_gpt2:tiny",
+            "fewrel:gpt2_tiny",
             "--workdir",
             str(tmp_path / "run"),
             "--no-progress",
             "--set",
-            f"task.checkpoint={missing}",
+            f"task.model={missing}",
             f"task.data_dir={tmp_path}",
             "task.protocol=files",
             "task.train_files=('train.json',)",
@@ -265,13 +267,14 @@ def test_missing_checkpoint_folder_names_it(tmp_path, capsys):
         ]
     )
     assert code == 2 and str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_named_variants_point_at_models_gpt2():
     for v in ("5w1s_protonets", "5w1s_maml", "5w5s_protonets"):
-        c = load_config(f"fewrel_gpt2:{v}")
-        assert c.task.checkpoint == "models/gpt2" and c.algorithm.name == v.split("_")[1]
+        c = load_config(f"fewrel:gpt2_{v}")
+        assert c.task.model == "models/gpt2" and c.algorithm.name == v.split("_")[1]
         assert (c.task.ways, c.task.shots) == (5, int(v[2]))
-    assert load_config("fewrel_gpt2:tiny").train.steps <= 20
+    assert load_config("fewrel:gpt2_tiny").train.steps <= 20
     with pytest.raises(Exception, match="variant"):
-        load_config("fewrel_gpt2:5w5s_reptile")
+        load_config("fewrel:gpt2_5w5s_reptile")

@@ -1,0 +1,365 @@
+"""The text task sources in a pretrained model's tokens: words, FewRel sentences, translations.
+
+Each encoder takes the tokenizer as ``encode_ids(text) -> ids`` (no special tokens) and a
+start and an end token (GPT-2 and SmolLM2: both ``<|endoftext|>``, which also pads); each
+task source re-encodes the draws of its byte- or word-level counterpart, so a task is a pure
+function of ``(seed, split, step, task index)`` and draws the same languages, words and
+relations as that counterpart. Sequences are right-padded, which a causal model needs no
+attention mask for: no real token sees the pads after it.
+
+- Words (:class:`TokenEncoder`, :class:`WordTokens`): ``start word end pad...``; the mask is
+  1 on the word's tokens and the end token (the next-token targets).
+- FewRel (:class:`MarkerEncoder`, :class:`FewRelTokens`): ``start`` then the sentence with
+  the entity markers inserted as text, `` [E1] head [/E1] ... [E2] tail [/E2]``. Every piece,
+  a run of words or a marker, is encoded on its own with a leading space, so a marker is
+  always the same ids and no BPE merge crosses one; a model reads the state at the last
+  token of a marker (``pool="start"``: ``[E1]`` and ``[E2]``; ``"end"``: ``[/E1]`` and
+  ``[/E2]``, which in a causal model have read their entity). Truncation keeps every marker
+  token (:func:`metajax.tasks.fewrel._truncate`'s ranking).
+- Translation (:class:`PairEncoder`, :class:`TranslateTokens`): ``start source " =" " target"
+  end``; the mask is 1 on the target's tokens and the end token, so the prompt
+  ``start source " ="`` is the decoder's input at test time.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from metajax.tasks import fewrel, translate, words
+from metajax.tasks.base import split_id, task_rng
+from metajax.types import Task
+
+EncodeIds = Callable[[str], list[int]]
+POOLS = {"start": (0, 2), "end": (1, 3)}  # indices into fewrel.MARKERS
+
+
+class TokenEncoder:
+    """Strings -> ``(tokens int32 (n, max_len), mask float32 (n, max_len))`` next-token batches.
+
+    ``tokens[i] = [start, ids of text i..., end, end (padding)...]``; ``mask[i, t]`` is 1 where
+    token ``t`` is a prediction target: the text's tokens and the end token after them.
+
+    Args:
+      encode_ids: ``text -> list of token ids`` (no special tokens).
+      end_id: the end token, also the padding.
+      max_len: tokens per sequence.
+      start_id: the first token; default ``end_id``.
+    """
+
+    def __init__(self, encode_ids: EncodeIds, end_id: int, max_len: int, start_id: int = -1):
+        self.encode_ids, self.end_id, self.max_len = encode_ids, end_id, max_len
+        self.start_id = end_id if start_id < 0 else start_id
+        self._ids = functools.lru_cache(maxsize=1 << 16)(lambda text: list(encode_ids(text)))
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"expected a list of strings, got {texts!r:.80}.")
+        tokens = np.full((len(texts), self.max_len), self.end_id, np.int32)
+        mask = np.zeros((len(texts), self.max_len), np.float32)
+        for i, text in enumerate(texts):
+            ids = self._ids(text)
+            if len(ids) + 2 > self.max_len:
+                raise ValueError(
+                    f"{text!r} needs {len(ids) + 2} tokens with its end tokens > "
+                    f"task.max_len={self.max_len}."
+                )
+            tokens[i, 0] = self.start_id
+            tokens[i, 1 : len(ids) + 1] = ids
+            mask[i, 1 : len(ids) + 2] = 1.0
+        return tokens, mask
+
+
+class WordTokens:
+    """:class:`~metajax.tasks.words.LanguageModeling` tasks re-encoded by a
+    :class:`TokenEncoder`: the same words, ``(tokens, mask)`` of shape ``(T, K, max_len)``
+    (``(T, Q, max_len)`` for the query). A word of at most ``max_len - 2`` UTF-8 bytes always
+    fits: a byte-level BPE token covers at least one byte."""
+
+    def __init__(self, source: words.LanguageModeling, encoder: TokenEncoder):
+        self.source, self.encoder = source, encoder
+
+    def sample(self, step: int, num_tasks: int, first_task: int = 0) -> Task:
+        task = self.source.sample(step, num_tasks, first_task)
+        return Task(support=self._recode(task.support[0]), query=self._recode(task.query[0]))
+
+    def sample_languages(self, step: int, num_tasks: int, first_task: int = 0) -> list[str]:
+        return self.source.sample_languages(step, num_tasks, first_task)
+
+    def _recode(self, byte_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        num_tasks, per_task, _ = byte_tokens.shape
+        tokens, mask = self.encoder(words.decode(byte_tokens.reshape(num_tasks * per_task, -1)))
+        shape = (num_tasks, per_task, self.encoder.max_len)
+        return tokens.reshape(shape), mask.reshape(shape)
+
+
+class MarkerEncoder:
+    """FewRel sentences -> ``(tokens int32 (n, max_len), positions int32 (n, 2))``.
+
+    ``positions[i]`` are the indices of the last token of the two markers of ``pool``.
+
+    Args:
+      encode_ids: ``text -> list of token ids`` (no special tokens).
+      start_id: the first token, also the padding.
+      max_len: tokens per sequence.
+      pool: ``"start"`` or ``"end"`` (:data:`POOLS`).
+
+    Raises:
+      ValueError: ``max_len`` has no room for the start token and the four markers.
+    """
+
+    def __init__(self, encode_ids: EncodeIds, start_id: int, max_len: int, pool: str):
+        self.encode_ids, self.start_id, self.max_len = encode_ids, start_id, max_len
+        self.slots = POOLS[pool]
+        self.marker_ids = tuple(tuple(encode_ids(" " + m)) for m in fewrel.MARKERS)
+        self.min_len = 1 + sum(len(m) for m in self.marker_ids)
+        # Marker s's last token is entry ends[s] of the marker tokens listed marker by marker.
+        self._ends = np.cumsum([len(m) for m in self.marker_ids]) - 1
+        if max_len < self.min_len:
+            raise ValueError(
+                f"max_len={max_len}: needs room for the start token and the 4 entity markers "
+                f"({self.min_len} tokens)."
+            )
+
+    def __call__(self, sentences: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes :data:`~metajax.tasks.fewrel.Sentence` tuples or FewRel dicts."""
+        if isinstance(sentences, dict):
+            raise TypeError("expected a list of sentences, got one sentence dict.")
+        tokens = np.full((len(sentences), self.max_len), self.start_id, np.int32)
+        positions = np.empty((len(sentences), 2), np.int32)
+        for i, sent in enumerate(sentences):
+            if isinstance(sent, dict):
+                sent = fewrel.parse_sentence(sent, f"sentence {i}")
+            ids, where = self.encode_one(sent)
+            tokens[i, : len(ids)] = ids
+            positions[i] = where
+        return tokens, positions
+
+    def encode_one(self, sent: fewrel.Sentence) -> tuple[list[int], tuple[int, int]]:
+        """One sentence's ids (start token first, at most ``max_len``) and its two positions."""
+        ids: list[int] = []
+        marker_tokens: list[int] = []  # indices of every marker token, marker by marker
+        for piece in _pieces(sent):
+            if isinstance(piece, int):
+                marker_tokens.extend(range(len(ids), len(ids) + len(self.marker_ids[piece])))
+                ids.extend(self.marker_ids[piece])
+            else:
+                ids.extend(self.encode_ids(" " + piece))
+        kept, where = fewrel._truncate(ids, marker_tokens, self.max_len - 1)
+        head, tail = (where[self._ends[s]] + 1 for s in self.slots)  # + 1: the start token
+        return [self.start_id, *kept], (head, tail)
+
+
+def _pieces(sent: fewrel.Sentence) -> list[str | int]:
+    """The sentence as runs of words (str) and markers (int, an index into MARKERS).
+
+    Nested spans: the outer entity opens first and closes last (as
+    :func:`metajax.tasks.fewrel.encode`).
+    """
+    tokens, (h0, h1), (t0, t1) = sent
+    opens = sorted([(h0, h1, 0), (t0, t1, 2)], key=lambda s: -s[1])
+    closes = sorted([(h0, h1, 1), (t0, t1, 3)], key=lambda s: -s[0])
+    pieces: list[str | int] = []
+    run: list[str] = []
+
+    def flush():
+        if run:
+            pieces.append(" ".join(run))
+            run.clear()
+
+    for i, word in enumerate(tokens):
+        for start, _, marker in opens:
+            if start == i:
+                flush()
+                pieces.append(marker)
+        run.append(word)
+        for _, stop, marker in closes:
+            if stop == i + 1:
+                flush()
+                pieces.append(marker)
+    flush()
+    return pieces
+
+
+class FewRelTokens:
+    """N-way K-shot tasks of one meta-split in a model's tokens.
+
+    ``sample`` makes the draws of :meth:`metajax.tasks.fewrel.FewRel.sample` and encodes the
+    drawn sentences with a :class:`MarkerEncoder` (each once, then cached). Returns
+    ``Task(support=((tokens, positions), labels), query=...)``: tokens int32 ``(T, N*K,
+    max_len)``, positions int32 ``(T, N*K, 2)``, labels int32 ``(T, N*K)``.
+
+    Args:
+      source: the checked split and task shape (its own tokenizer is not used).
+      encoder: the encoding of a sentence.
+    """
+
+    def __init__(self, source: fewrel.FewRel, encoder: MarkerEncoder):
+        source.check()
+        self.source, self.encoder = source, encoder
+        self._relations = list(fewrel.resolve(source.files)[source.split].values())
+        self._cache: dict[tuple[int, int], tuple[list[int], tuple[int, int]]] = {}
+
+    def _encoded(self, relation: int, index: int) -> tuple[list[int], tuple[int, int]]:
+        key = (relation, index)
+        if key not in self._cache:
+            self._cache[key] = self.encoder.encode_one(self._relations[relation][index])
+        return self._cache[key]
+
+    def sample(self, step: int, num_tasks: int, first_task: int = 0) -> Task:
+        src = self.source
+        n, k, q, length = src.ways, src.shots, src.queries, self.encoder.max_len
+        sid = split_id(src.split)
+        tokens = np.full((num_tasks, n, k + q, length), self.encoder.start_id, np.int32)
+        positions = np.empty((num_tasks, n, k + q, 2), np.int32)
+        perm = np.empty((num_tasks, n), np.int32)
+        for t in range(num_tasks):
+            rng = task_rng(src.seed, sid, step, first_task + t)
+            chosen = rng.choice(len(self._relations), n, replace=False)
+            perm[t] = rng.permutation(n)
+            for c, r in enumerate(chosen):
+                picks = rng.choice(len(self._relations[r]), k + q, replace=False)
+                for j, pick in enumerate(picks):
+                    ids, where = self._encoded(int(r), int(pick))
+                    tokens[t, c, j, : len(ids)] = ids
+                    positions[t, c, j] = where
+        return fewrel.tasks_from_draws(tokens, positions, perm, k)
+
+
+class PairEncoder:
+    """(source, target) pairs <-> ``start source " =" " target" end`` token rows.
+
+    Args:
+      encode_ids: ``text -> ids``; decode_ids: ``ids -> text``.
+      start_id, end_id: the first token and the end token (also the padding).
+      max_len: tokens per sequence.
+    """
+
+    def __init__(self, encode_ids, decode_ids, start_id: int, end_id: int, max_len: int):
+        self.decode_ids, self.start_id, self.end_id = decode_ids, start_id, end_id
+        self.max_len = max_len
+        self._ids = functools.lru_cache(maxsize=1 << 16)(lambda text: list(encode_ids(text)))
+
+    def _parts(self, pair) -> tuple[list[int], list[int]]:
+        if len(pair) != 2 or not all(isinstance(s, str) for s in pair):
+            raise TypeError(f"a pair must be (source, target) strings, got {pair!r}.")
+        return [self.start_id, *self._ids(pair[0] + " =")], self._ids(" " + pair[1])
+
+    def fits(self, pair) -> bool:
+        prompt, target = self._parts(pair)
+        return len(prompt) + len(target) + 1 <= self.max_len
+
+    def pairs(self, pairs) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens int32 (n, max_len), mask float32 (n, max_len))``; mask 1 on the target
+        and the end token. Raises ValueError for a pair that does not fit."""
+        pairs = list(pairs)
+        tokens = np.full((len(pairs), self.max_len), self.end_id, np.int32)
+        mask = np.zeros((len(pairs), self.max_len), np.float32)
+        for i, pair in enumerate(pairs):
+            prompt, target = self._parts(pair)
+            row = [*prompt, *target, self.end_id]
+            if len(row) > self.max_len:
+                raise ValueError(f"pair {pair!r} needs {len(row)} > max_len={self.max_len}.")
+            tokens[i, : len(row)] = row
+            mask[i, len(prompt) : len(row)] = 1.0
+        return tokens, mask
+
+    def prompts(self, sources) -> tuple[np.ndarray, np.ndarray]:
+        """Decoder prompts ``(tokens int32 (n, max_len), lengths int32 (n,))``."""
+        sources = list(sources)
+        tokens = np.full((len(sources), self.max_len), self.end_id, np.int32)
+        lengths = np.empty((len(sources),), np.int32)
+        for i, text in enumerate(sources):
+            if not isinstance(text, str):
+                raise TypeError(f"source {i} must be a string, got {text!r}.")
+            prompt = self._parts((text, ""))[0]
+            if len(prompt) + 2 > self.max_len:
+                raise ValueError(f"source {text!r} needs {len(prompt) + 2} > max_len.")
+            tokens[i, : len(prompt)], lengths[i] = prompt, len(prompt)
+        return tokens, lengths
+
+    def split(self, tokens, mask) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Encoded pairs back to ``(prompts, lengths, reference targets)``: the prompt ends
+        where the mask starts."""
+        tokens, mask = np.asarray(tokens), np.asarray(mask)
+        lengths = np.argmax(mask > 0, axis=1).astype(np.int32)
+        prompts = np.where(np.arange(tokens.shape[1])[None] < lengths[:, None], tokens, self.end_id)
+        refs = self.strings([row[n:] for row, n in zip(tokens, lengths)])
+        return prompts.astype(np.int32), lengths, refs
+
+    def strings(self, generated) -> list[str]:
+        """Token rows to text, up to the first end token, the leading space removed."""
+        out = []
+        for row in generated:
+            row = [int(t) for t in row]
+            row = row[: row.index(self.end_id)] if self.end_id in row else row
+            text = self.decode_ids(row)
+            out.append(text[1:] if text.startswith(" ") else text)
+        return out
+
+
+class TranslateTokens:
+    """:class:`~metajax.tasks.translate.Translate` tasks in a model's tokens: the same
+    languages per task, drawn the same way from each language's pairs that fit ``max_len``
+    tokens. Returns ``Task(support=(tokens, mask), query=(tokens, mask))``, ``(T, K, L)`` and
+    ``(T, Q, L)``."""
+
+    def __init__(self, source: translate.Translate, encoder: PairEncoder):
+        self.source, self.encoder = source, encoder
+        self._tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def table(self, lang: str) -> tuple[np.ndarray, np.ndarray]:
+        if lang not in self._tables:
+            pairs = translate.load_pairs(lang, tuple(self.source.kinds))
+            self._tables[lang] = self.encoder.pairs([p for p in pairs if self.encoder.fits(p)])
+        return self._tables[lang]
+
+    def sample(self, step: int, num_tasks: int, first_task: int = 0) -> Task:
+        src, length = self.source, self.encoder.max_len
+        langs = src.split_languages()
+        sid, k, q = split_id(src.split), src.shots, src.queries
+        tokens = np.empty((num_tasks, k + q, length), np.int32)
+        mask = np.empty((num_tasks, k + q, length), np.float32)
+        for t in range(num_tasks):
+            rng = task_rng(src.seed, sid, step, first_task + t)
+            table_tokens, table_mask = self.table(langs[rng.integers(len(langs))])
+            if len(table_tokens) < k + q:
+                raise ValueError(
+                    f"a language has {len(table_tokens)} pairs that fit; need {k + q}."
+                )
+            picks = rng.choice(len(table_tokens), k + q, replace=False)
+            tokens[t], mask[t] = table_tokens[picks], table_mask[picks]
+        return Task(support=(tokens[:, :k], mask[:, :k]), query=(tokens[:, k:], mask[:, k:]))
+
+    def sample_languages(self, step: int, num_tasks: int, first_task: int = 0) -> list[str]:
+        return self.source.sample_languages(step, num_tasks, first_task)
+
+
+def pair_translation_metrics(apply_fn, encoder: PairEncoder, decode_steps: int):
+    """``metrics(params, (tokens, mask, ...)) -> {"chrf", "exact_match"}`` (host side):
+    greedy translations of a query batch's sources (one jitted full pass per token) scored
+    against its targets, as :func:`metajax.tasks.translate.translation_metrics` does for
+    bytes."""
+    from metajax.models.decoding import greedy_decode
+
+    special = dict(end_id=encoder.end_id, pad_id=encoder.end_id)
+    banned = () if encoder.start_id == encoder.end_id else (encoder.start_id,)
+    decode = jax.jit(
+        lambda p, prompts, lengths: greedy_decode(
+            apply_fn, p, prompts, lengths, steps=decode_steps, banned_ids=banned, **special
+        )
+    )
+
+    def metrics(params, batch) -> dict[str, float]:
+        prompts, lengths, refs = encoder.split(batch[0], batch[1])
+        hyps = encoder.strings(np.asarray(decode(params, prompts, lengths)))
+        return {
+            "chrf": translate.chrf(hyps, refs),
+            "exact_match": float(np.mean([h == r for h, r in zip(hyps, refs)])),
+        }
+
+    return metrics

@@ -1,0 +1,69 @@
+"""``translate`` with a pretrained model (``task.model``), on the committed tiny GPT-2: the pair
+encoding, greedy translation with and without a frozen trunk, and the CLI from training to
+``predict``."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metajax.models.gpt2_checkpoint import load_gpt2_tokenizer
+from metajax.run import cli, predict
+from metajax.run.build import build
+from metajax.run.config_files import load_config
+from metajax.run.predict import FewShotModel
+from metajax.tasks.text_encoding import PairEncoder
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "gpt2_tiny"
+SUPPORT = [("Germany", "Saksa"), ("France", "Ranska")]
+
+
+@pytest.fixture(autouse=True)
+def trunk_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAJAX_TRUNK_CACHE", str(tmp_path / "trunk"))
+
+
+def test_pairs_are_prompt_then_target_and_split_back():
+    tok = load_gpt2_tokenizer(FIXTURE)
+    enc = PairEncoder(tok.encode, tok.decode, 0, 0, 40)
+    tokens, mask = enc.pairs(SUPPORT)
+    prompt = [0, *tok.encode("Germany =")]
+    target = tok.encode(" Saksa")
+    n = len(prompt) + len(target) + 1
+    assert tokens[0, :n].tolist() == [*prompt, *target, 0] and (tokens[0, n:] == 0).all()
+    # The mask is on the target and the end token only.
+    assert mask[0].tolist() == [0.0] * len(prompt) + [1.0] * (len(target) + 1) + [0.0] * (40 - n)
+    prompts, lengths, refs = enc.split(tokens, mask)
+    assert refs == ["Saksa", "Ranska"] and lengths[0] == len(prompt)
+    np.testing.assert_array_equal(prompts, enc.prompts(["Germany", "France"])[0])
+    assert enc.strings([[*tok.encode(" Suomi"), 0, 5, 6]]) == ["Suomi"]
+    with pytest.raises(ValueError, match="> max_len=40"):
+        enc.pairs([("x" * 30, "y" * 30)])
+
+
+def test_translations_with_a_frozen_trunk_are_the_whole_models():
+    outputs = []
+    for blocks in ("none", "1"):
+        exp = build(load_config("translate:gpt2_tiny", [f"task.trainable_blocks={blocks}"]))
+        model = FewShotModel(exp, exp.algo.init(exp.params), 0)
+        # Unadapted (b = 0) both are the pretrained GPT-2: the same greedy tokens, the first
+        # computed through the whole model, the second through the trunk then the top.
+        outputs.append(model.adapt_and_predict(SUPPORT, None, ["Japan", "Finland"], steps=0))
+    assert outputs[0] == outputs[1] and all(isinstance(s, str) for s in outputs[0])
+    assert outputs[0][0].endswith("ZZZZZ")  # what the fixture's random weights say
+
+
+def test_cli_trains_scores_and_predicts_with_a_frozen_trunk(tmp_path):
+    workdir = tmp_path / "tr"
+    args = ["train", "translate:gpt2_tiny", "--workdir", str(workdir), "--no-progress"]
+    assert cli.main([*args, "--set", "task.trainable_blocks=1"]) == 0
+    metrics = json.loads((workdir / "eval.json").read_text())["metrics"]
+    assert set(metrics) == {"loss", "bits_per_token", "accuracy", "chrf", "exact_match"}
+    assert all(0.0 <= c <= 100.0 for c in metrics["chrf"]["mean"])
+    loss = metrics["loss"]["mean"]
+    assert all(math.isfinite(x) for x in loss) and loss[2] < loss[0]  # adaptation fits
+    model = predict.load(workdir)
+    out = model.adapt_and_predict(SUPPORT, None, ["Japan"])
+    assert len(out) == 1 and isinstance(out[0], str)
