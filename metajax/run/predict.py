@@ -151,10 +151,10 @@ class FewShotModel:
         if hasattr(families.load(self.config.family), "input_shape"):
             return None
         if self._reference is None:
-            source = self._exp.setup.eval_source
-            support = jax.eval_shape(lambda: source.sample(0, 1).support)
+            # Sampled once, outside any trace: sources are host code (and may fill caches).
+            support = self._exp.setup.eval_source.sample(0, 1).support
             self._reference = jax.tree.map(
-                lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), support
+                lambda s: jax.ShapeDtypeStruct(np.shape(s)[1:], s.dtype), support
             )
         return self._reference
 

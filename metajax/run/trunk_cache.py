@@ -150,10 +150,7 @@ class TrunkCache:
         for lo in range(0, len(keys), BATCH):
             chunk = rows[lo : lo + BATCH]
             padded = np.concatenate([chunk, np.repeat(chunk[:1], BATCH - len(chunk), 0)])
-            # Host data in, host data out: computed now even when a caller traces around
-            # the sampling (e.g. jax.eval_shape of a source's output shapes).
-            with jax.ensure_compile_time_eval():
-                states = np.asarray(self._trunk(self.params, padded), np.float32)[: len(chunk)]
+            states = np.asarray(self._trunk(self.params, padded), np.float32)[: len(chunk)]
             for key, value in zip(keys[lo : lo + BATCH], states):
                 value = np.ascontiguousarray(value)
                 self._write(key, value)
