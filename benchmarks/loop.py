@@ -14,11 +14,12 @@ machine moved in between.
   step); its tasks are sampled on the device.
 - ``omniglot``: ``omniglot:tiny`` with 16 filters and 5 queries per class (5-way 1-shot,
   meta-batch 8, second-order MAML, one inner step), sampled on the host from
-  ``../shared/data/omniglot`` (skipped with a message when absent).
+  ``$METAJAX_OMNIGLOT_DIR``, else ``../shared/data/omniglot`` (skipped with a message when
+  absent).
 
 Warm cases (``warm_*``) start ``metajax train`` twice in new processes with one fresh
 compilation cache and report what the runner prints as "meta-step ready in X s": from the
-start of tracing (or of the step cache's look-up) to the end of the first dispatch.
+start of tracing (or of the program cache's look-up) to the compiled step.
 """
 
 from __future__ import annotations
@@ -36,13 +37,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"
+OMNIGLOT = Path(os.environ.get("METAJAX_OMNIGLOT_DIR") or ROOT.parent / "shared/data/omniglot")
 
 LOOP_CASES = {
     "sinusoid": ("sinusoid", ["train.steps=4000", "train.log_every=200"]),
     "omniglot": (
         "omniglot:tiny",
-        ["train.steps=60", "train.log_every=10", "task.filters=16", "task.queries=5"],
+        [
+            "train.steps=60",
+            "train.log_every=10",
+            "task.filters=16",
+            "task.queries=5",
+            f"task.zip_dir={OMNIGLOT}",
+        ],
     ),
 }
 # The standard benchmark case's Transformer (width 128, 2 layers, 4 heads, MLP 512,

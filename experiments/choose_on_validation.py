@@ -20,6 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
+from _shared_data import use_shared_data
+
 from metajax.run.checkpoint import Checkpointer
 from metajax.run.loop import evaluate_workdir
 from metajax.run.workdir import read_config
@@ -28,6 +30,7 @@ LOWER_IS_BETTER = ("loss", "bits_per_byte", "mse")
 
 
 def main():
+    use_shared_data()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--metric", required=True, help="an eval.json metric, e.g. accuracy")

@@ -13,6 +13,7 @@ sampler, protocols and 600 tasks as the runner's evaluation::
 from __future__ import annotations
 
 import numpy as np
+from _shared_data import use_shared_data
 
 from metajax.tasks import fewrel
 
@@ -52,6 +53,7 @@ def accuracy(protocol: str, shots: int, split: str) -> tuple[float, float]:
 
 
 def main():
+    use_shared_data()
     print("| protocol | setting | relations evaluated | accuracy |")
     print("|---|---|---|---|")
     for protocol, shots, split in SETTINGS:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _shared_data import use_shared_data
 
 import metajax as mj
 from metajax.algorithms.protonets import protonet_logits
@@ -116,6 +117,7 @@ def run(
 
 
 def main():
+    use_shared_data()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--meta-batch", type=int, default=4)

@@ -5,6 +5,10 @@
 # (each argument: CONFIG WORKDIR_NAME [--set KEY=VALUE ...]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# metajax reads data folders from these variables; default: the project's copy.
+export METAJAX_OMNIGLOT_DIR="${METAJAX_OMNIGLOT_DIR:-${PWD}/../shared/data/omniglot}"
+export METAJAX_FEWREL_DIR="${METAJAX_FEWREL_DIR:-${PWD}/../shared/data/fewrel}"
+export METAJAX_MOVIETWEETINGS_DIR="${METAJAX_MOVIETWEETINGS_DIR:-${PWD}/../shared/data/movietweetings}"
 for job in "$@"; do
   read -r spec name rest <<< "${job}"
   start=$(date +%s.%N)

@@ -218,3 +218,34 @@ def test_fomaml_config_uses_its_inner_optimizer():
     maml_adam = dataclasses.replace(adam, name="maml")
     g = experiment.make_algorithm(maml_adam, setup).meta_grad(setup.params, tasks)[0]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(g))
+
+
+def test_config_names_resolve_in_order_env_then_cwd_experiments_then_packaged(
+    tmp_path, monkeypatch
+):
+    from metajax.run import config_files
+
+    packaged = config_files.find("sinusoid")
+    assert packaged.parent.name == "configs" and packaged.parent.parent.name == "metajax"
+    # A user's ./experiments/sinusoid.py overrides the shipped one; $METAJAX_EXPERIMENTS
+    # overrides both. Each copy trains its own number of steps.
+    mine, env = tmp_path / "experiments", tmp_path / "env"
+    for folder, steps in ((mine, 7), (env, 9)):
+        folder.mkdir()
+        (folder / "sinusoid.py").write_text(
+            "import dataclasses\n"
+            "from metajax.configs import sinusoid\n\n"
+            "def get_config(variant=''):\n"
+            "    c = sinusoid.get_config(variant)\n"
+            f"    train = dataclasses.replace(c.train, steps={steps})\n"
+            "    return dataclasses.replace(c, train=train)\n"
+        )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("METAJAX_EXPERIMENTS", raising=False)
+    assert load_config("sinusoid:tiny").train.steps == 7
+    monkeypatch.setenv("METAJAX_EXPERIMENTS", str(env))
+    assert load_config("sinusoid:tiny").train.steps == 9
+    monkeypatch.delenv("METAJAX_EXPERIMENTS")
+    monkeypatch.chdir(env)  # no experiments/ here: the shipped file
+    assert config_files.find("sinusoid") == packaged
+    assert load_config("sinusoid:tiny").train.steps == 20

@@ -1,18 +1,18 @@
 """Every experiment config's tiny variant, end to end through the CLI: train, then eval."""
 
-import importlib.util
+import importlib
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import data_dir, needs_data
 
 from metajax.run import cli
 from metajax.run.build import ALGORITHMS
 from metajax.run.config_files import experiment_names, load_config
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 QUIET = ["--no-progress"]
 
 
@@ -58,10 +58,7 @@ def test_every_config_file_is_listed_and_has_a_tiny_variant():
 
 
 def _module(name):
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"metajax.configs.{name}")
 
 
 def test_every_named_omniglot_variant_loads_with_its_algorithm():
@@ -103,10 +100,7 @@ def test_sinusoid_tiny_pretrain(tmp_path):
     assert 1.0 < loss["mean"][0] < 10.0
 
 
-OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
-
-
-@pytest.mark.skipif(not OMNIGLOT.is_dir(), reason="needs ../shared/data/omniglot")
+@needs_data("omniglot")
 @pytest.mark.parametrize("variant", ["tiny", "tiny_protonets", "tiny_reptile"])
 def test_omniglot_tiny(tmp_path, variant):
     result = _train(f"omniglot:{variant}", tmp_path / variant)
@@ -187,11 +181,9 @@ def test_translate_tiny_reports_chrf(tmp_path):
     assert cli.main(args + ["--set", "eval.score_steps=(3,)"]) == 2  # beyond eval.inner_steps
 
 
-FEWREL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fewrel"
-
-
-@pytest.mark.skipif(not FEWREL.is_dir(), reason="needs ../shared/data/fewrel")
+@needs_data("fewrel")
 def test_fewrel_tiny_protonets_then_eval_on_another_file(tmp_path):
+    fewrel = data_dir("fewrel")
     workdir = tmp_path / "fr"
     result = _train("fewrel:tiny_protonets", workdir)
     assert _on_grid(result["metrics"]["accuracy"]["mean"], 4 * 3 * 2)  # 4 tasks, 3 ways x 2
@@ -202,7 +194,7 @@ def test_fewrel_tiny_protonets_then_eval_on_another_file(tmp_path):
             "--workdir",
             str(workdir),
             "--set",
-            f"task.test_files=('{FEWREL / 'val_semeval.json'}',)",
+            f"task.test_files=('{fewrel / 'val_semeval.json'}',)",
             "task.train_files=('val_wiki.json',)",
             "task.val_files=('val_wiki.json',)",
         ]
@@ -214,8 +206,8 @@ def test_fewrel_tiny_protonets_then_eval_on_another_file(tmp_path):
             "--workdir",
             str(workdir),
             "--set",
-            f"task.test_files=('{FEWREL / 'val_semeval.json'}',)",
+            f"task.test_files=('{fewrel / 'val_semeval.json'}',)",
         ]
     )
     assert code == 0
-    assert _eval(workdir)["config"]["task"]["test_files"] == [str(FEWREL / "val_semeval.json")]
+    assert _eval(workdir)["config"]["task"]["test_files"] == [str(fewrel / "val_semeval.json")]

@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import needs_data
 
 from metajax.run import cli
 from metajax.run import loop as runner
 from metajax.run.checkpoint import Checkpointer
 from metajax.run.config import ConfigError
 from metajax.run.config_files import load_config
-from metajax.run.families.omniglot import DEFAULT_ZIP_DIR
 from metajax.run.workdir import LOCK_NAME, history, lock
 
 QUIET = ["--no-progress", "--set", "train.log_every=2", "train.checkpoint_every=2"]
@@ -60,7 +60,25 @@ def test_a_start_that_fails_before_its_first_checkpoint_leaves_a_new_workdir(tmp
     assert not (workdir / LOCK_NAME).exists()
 
 
-@pytest.mark.skipif(not DEFAULT_ZIP_DIR.is_dir(), reason="needs ../shared/data/omniglot")
+@pytest.mark.parametrize(
+    ("config", "variable", "message"),
+    [
+        ("omniglot:tiny", "METAJAX_OMNIGLOT_DIR", "no Omniglot data: set task.zip_dir or"),
+        ("fewrel:tiny", "METAJAX_FEWREL_DIR", "no FewRel data folder for val_wiki.json"),
+    ],
+)
+def test_data_named_by_neither_config_nor_variable_is_one_line(
+    tmp_path, capsys, monkeypatch, config, variable, message
+):
+    monkeypatch.delenv(variable, raising=False)
+    workdir = tmp_path / "run"
+    assert _train(workdir, config=config) == 2
+    line = _one_line(capsys)
+    assert message in line and f"${variable}" in line
+    assert not workdir.exists()
+
+
+@needs_data("omniglot")
 @pytest.mark.parametrize(
     ("sets", "message"),
     [

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import data_dir, needs_data
 
 from metajax.models import load_gpt2
 from metajax.models.gpt2_checkpoint import load_gpt2_tokenizer
@@ -22,7 +23,7 @@ from metajax.tasks import fewrel as F
 from metajax.tasks import text_encoding as G
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "gpt2_tiny"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fewrel"
+SHARED = data_dir("fewrel")
 BYTE_START = 256
 
 
@@ -202,7 +203,7 @@ def test_meta_gradients_are_finite_and_reach_the_factors(tmp_path, algo):
     assert _norm(updates["model"]["base"]) == 0.0 and _norm(updates["model"]["lora"]) > 0
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/fewrel")
+@needs_data("fewrel")
 def test_cli_tiny_trains_evaluates_and_predicts(tmp_path):
     workdir = tmp_path / "run"
     assert cli.main(["train", "fewrel:gpt2_tiny", "--workdir", str(workdir), "--no-progress"]) == 0

@@ -1,22 +1,19 @@
-"""``import metajax`` gives the primitives only; no module imports the runner from below."""
+"""``import metajax`` gives the primitives only; no module imports the runner from below;
+every optional dependency is named with the pip extra that installs it."""
 
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+from metajax._extras import EXTRAS
+
 PACKAGE = Path(__file__).resolve().parents[1] / "metajax"
-HEAVY = (
-    "orbax",
-    "tensorflow_datasets",
-    "matplotlib",
-    "tqdm",
-    "wordfreq",
-    "safetensors",
-    "tokenizers",
-    "babel",
-    "sacrebleu",
-)
+# jax itself imports flatbuffers where it is installed.
+HEAVY = tuple(m for m in EXTRAS if m != "flatbuffers")
+# What `pip install metajax` brings: its dependencies (ml_dtypes is jax's own).
+BASE = {"jax", "jaxlib", "flax", "optax", "chex", "numpy", "ml_dtypes", "metajax"}
 
 
 def test_import_metajax_loads_no_runner_dependency():
@@ -47,14 +44,35 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_only_the_runner_imports_the_runner():
-    offenders = [
+def _importers(package: str, allowed: tuple[str, ...]) -> list[str]:
+    """Modules outside ``allowed`` (top-level folders of metajax/) that import ``package``."""
+    return [
         str(p.relative_to(PACKAGE))
         for p in PACKAGE.rglob("*.py")
-        if "run" not in p.relative_to(PACKAGE).parts[:1]
-        and any(n == "metajax.run" or n.startswith("metajax.run.") for n in _imports(p))
+        if p.relative_to(PACKAGE).parts[0] not in allowed
+        and any(n == package or n.startswith(package + ".") for n in _imports(p))
     ]
-    assert offenders == []
+
+
+def test_only_the_runner_and_the_configs_import_the_runner():
+    # The configs sit on top of the runner (they build its Config); nothing imports them.
+    assert _importers("metajax.run", ("run", "configs")) == []
+    assert _importers("metajax.configs", ("configs",)) == []
+
+
+def test_every_third_party_import_is_a_dependency_or_in_an_extra():
+    tops = {n.split(".")[0] for p in PACKAGE.rglob("*.py") for n in _imports(p)}
+    optional = tops - set(sys.stdlib_module_names) - BASE
+    assert optional and optional <= set(EXTRAS), optional - set(EXTRAS)
+    extras = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert set(EXTRAS.values()) <= set(extras)
+    # Each extra lists the distribution of each module it is named for.
+    dist = {"PIL": "pillow", "orbax": "orbax-checkpoint", "tensorflow_datasets": "tensorflow-"}
+    for module, extra in EXTRAS.items():
+        name = dist.get(module, module).lower()
+        assert any(r.lower().startswith(name) for r in extras[extra]), (module, extra)
 
 
 def test_the_config_schema_is_a_leaf():

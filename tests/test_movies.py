@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import data_dir
 
 from metajax.run import cli, predict
 from metajax.run.config import ConfigError
 from metajax.run.config_files import load_config
 from metajax.tasks import movies
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "movietweetings"
+SHARED = data_dir("movietweetings")
 GENRES = ("Drama", "Comedy", "Horror", "Sci-Fi")
 
 

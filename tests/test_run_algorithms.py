@@ -3,11 +3,11 @@ that algorithm: MAML++'s weights anneal and its order switches, Meta-SGD's rates
 ANIL's body stays put in the inner loop, iMAML solves its linear system."""
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import data_dir, needs_data
 
 from metajax.run import cli, predict
 from metajax.run.build import ALGORITHMS
@@ -119,7 +119,7 @@ def test_a_setting_the_algorithm_lacks_is_refused(tmp_path, capsys):
     assert not workdir.exists()
 
 
-OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+OMNIGLOT = data_dir("omniglot")
 # One meta-step of a small meta-batch per family, no evaluation: that the algorithm builds,
 # compiles and takes a finite step on the family's model is what is checked.
 FAMILIES = {
@@ -140,10 +140,7 @@ def _applies(spec: str, name: str) -> bool:
         pytest.param(
             spec,
             name,
-            marks=pytest.mark.skipif(
-                spec.startswith("omniglot") and not OMNIGLOT.is_dir(),
-                reason="needs ../shared/data/omniglot",
-            ),
+            marks=needs_data("omniglot") if spec.startswith("omniglot") else (),
         )
         for spec in FAMILIES
         for name in ALGORITHMS
@@ -183,7 +180,7 @@ def test_a_setting_given_on_the_command_line_is_still_refused(tmp_path, capsys):
     assert not workdir.exists()
 
 
-@pytest.mark.skipif(not OMNIGLOT.is_dir(), reason="needs ../shared/data/omniglot")
+@needs_data("omniglot")
 @pytest.mark.parametrize("name", ["meta_sgd", "mamlpp"])
 def test_learned_rate_algorithms_train_on_omniglot(tmp_path, name):
     # Their meta-parameters are more than the ConvNet's: evaluation and plots must cope.

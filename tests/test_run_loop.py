@@ -1,6 +1,7 @@
-"""The train loop's fast path (fused on-device sampling, prefetched host batches) equals the
-plain loop; the step cache returns what a fresh trace does and never runs a stale program."""
+"""The train loop's dispatch forms (fused on-device sampling, prefetched host batches) equal
+the plain form; a program-cache hit trains as a fresh trace does."""
 
+import dataclasses
 import json
 
 import jax
@@ -8,11 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metajax.run import loop, step_cache, stored_executables
+from metajax.run import dispatch, loop, program_cache
 from metajax.run.config import TrainConfig
 from metajax.run.config_files import load_config
 from metajax.run.logs import MetricsWindow, NonFiniteError
+from metajax.run.pretrained_choice import MappedSource
+from metajax.tasks.base import TaskSource
+from metajax.tasks.fewrel import FewRel
+from metajax.tasks.movies import MovieRatings
+from metajax.tasks.omniglot import Omniglot
 from metajax.tasks.sinusoid import Sinusoid
+from metajax.tasks.text_encoding import FewRelTokens, TranslateTokens, WordTokens
+from metajax.tasks.translate import Translate
+from metajax.tasks.words import LanguageID, LanguageModeling
 
 pytest.importorskip("flatbuffers", reason="jax.export serialisation needs flatbuffers")
 
@@ -37,7 +46,7 @@ def _train(workdir, *sets, **kwargs):
 @pytest.fixture(autouse=True)
 def _sources_never_newer(monkeypatch):
     # Others may edit a shared checkout while this runs; the guard has its own test.
-    monkeypatch.setattr(step_cache, "_process_start", lambda: float("inf"))
+    monkeypatch.setattr(program_cache, "_process_start", lambda: float("inf"))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +61,7 @@ def _assert_close(a, b):
 @pytest.mark.parametrize("traceable", [True, False], ids=["fused", "prefetched"])
 def test_fast_path_equals_the_plain_loop(tmp_path, reference, monkeypatch, traceable):
     monkeypatch.setattr(Sinusoid, "traceable", traceable)
-    state, rows, notes = _train(tmp_path / "run", step_cache_dir=None)
+    state, rows, notes = _train(tmp_path / "run", program_cache_dir=None)
     ref_state, ref_rows, _ = reference
     assert int(state.step) == 12
     _assert_close(state, ref_state)
@@ -60,23 +69,26 @@ def test_fast_path_equals_the_plain_loop(tmp_path, reference, monkeypatch, trace
     for row, ref in zip(rows, ref_rows, strict=True):
         assert row == pytest.approx(ref, rel=1e-6)
     ready = [n for n in notes if "meta-step ready" in n]
-    assert len(ready) == 1 and ("4 meta-steps per dispatch" in ready[0]) == traceable
+    assert len(ready) == 1 and "(traced, not stored" in ready[0]
+    assert ("4 meta-steps per dispatch" in ready[0]) == traceable
+    plain_ready = [n for n in reference[2] if "meta-step ready" in n]
+    assert len(plain_ready) == 1 and "(" not in plain_ready[0]
 
 
-def test_step_cache_hit_equals_a_fresh_trace_and_a_changed_config_retraces(tmp_path, reference):
+def test_program_cache_hit_equals_a_fresh_trace_and_a_changed_config_retraces(tmp_path, reference):
     cache = tmp_path / "cache"
-    first, first_rows, first_notes = _train(tmp_path / "a", step_cache_dir=cache)
-    again, again_rows, again_notes = _train(tmp_path / "b", step_cache_dir=cache)
+    first, first_rows, first_notes = _train(tmp_path / "a", program_cache_dir=cache)
+    again, again_rows, again_notes = _train(tmp_path / "b", program_cache_dir=cache)
     assert any("(traced;" in n for n in first_notes)
     assert any("(cached;" in n for n in again_notes)
-    assert len(list(cache.glob("*" + step_cache.SUFFIX))) == 1
+    assert len(list(cache.glob("*" + program_cache.SUFFIX))) == 1
     jax.tree.map(np.testing.assert_array_equal, first, again)
     assert first_rows == again_rows
     _assert_close(again, reference[0])
     # Two inner steps is another program: a new entry, and the result of that program.
-    two, _, notes = _train(tmp_path / "c", "algorithm.inner_steps=2", step_cache_dir=cache)
+    two, _, notes = _train(tmp_path / "c", "algorithm.inner_steps=2", program_cache_dir=cache)
     assert any("(traced;" in n for n in notes)
-    assert len(list(cache.glob("*" + step_cache.SUFFIX))) == 2
+    assert len(list(cache.glob("*" + program_cache.SUFFIX))) == 2
     plain_two, _, _ = _train(tmp_path / "d", "algorithm.inner_steps=2", fast_path=False)
     _assert_close(two, plain_two)
     assert (
@@ -88,104 +100,39 @@ def test_step_cache_hit_equals_a_fresh_trace_and_a_changed_config_retraces(tmp_p
     )
 
 
-def _toy(state, x):
-    new = {"w": state["w"] - 0.1 * x * state["w"], "n": state["n"] + 1}
-    return new, {"loss": jnp.sum(new["w"] ** 2)}
+def test_the_form_follows_the_source_and_the_parallel_mode():
+    tc = TrainConfig(steps=1000, log_every=200, checkpoint_every=400)
+    host_side = MappedSource(Sinusoid(), lambda batch: batch)
+    assert dispatch.choose_form(tc, Sinusoid(), 0, fast_path=True) == ("fused", 100)
+    assert dispatch.choose_form(tc, Sinusoid(), 650, fast_path=True) == ("fused", 50)
+    assert dispatch.choose_form(tc, host_side, 0, fast_path=True) == ("prefetched", 1)
+    assert dispatch.choose_form(tc, Sinusoid(), 0, fast_path=False) == ("plain", 1)
+    pmap = dataclasses.replace(tc, parallel="pmap")
+    assert dispatch.choose_form(pmap, Sinusoid(), 0, fast_path=True) == ("plain", 1)
 
 
-def _toy_step(tmp_path, identity, w=1.0):
-    state = {"w": jnp.full((3,), w), "n": jnp.zeros((), jnp.int32)}
-    x = jnp.arange(3.0)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    step, how = step_cache.cached_step(
-        _toy, state, x, metric_sharding=sharding, identity=identity, directory=tmp_path
-    )
-    return step, how, state, x
-
-
-def test_cached_step_keys_and_donation(tmp_path, monkeypatch):
-    step, how, state, x = _toy_step(tmp_path, {"lr": 0.1})
-    assert how == "traced"
-    new, metrics = step(state, x)
-    assert state["w"].is_deleted()  # the state is donated, as by the plain train step
-    np.testing.assert_allclose(new["w"], [1.0, 0.9, 0.8])
-    assert float(metrics["loss"]) == pytest.approx(2.45)
-    step, how, state, x = _toy_step(tmp_path, {"lr": 0.1}, w=2.0)
-    assert how == "cached"
-    assert float(step(state, x)[1]["loss"]) == pytest.approx(4 * 2.45)
-    # Another identity, another jax version: other keys, never the stored program.
-    assert _toy_step(tmp_path, {"lr": 0.2})[1] == "traced"
-    real = step_cache._version
-    monkeypatch.setattr(step_cache, "_version", lambda p: real(p) + ("+other" * (p == "jax")))
-    assert _toy_step(tmp_path, {"lr": 0.1})[1] == "traced"
-    monkeypatch.setattr(step_cache, "_version", real)
-    # Sources edited after this process started: the code it runs may not be on disk.
-    monkeypatch.setattr(step_cache, "_process_start", lambda: 0.0)
-    assert step_cache.source_digest() is None
-    assert _toy_step(tmp_path, {"lr": 0.1})[1] == "traced, not cached"
-    monkeypatch.setattr(step_cache, "_process_start", lambda: float("inf"))
-    # Files under the right names whose stored keys differ (a collision, a copied file).
-    for suffix in (step_cache.SUFFIX, stored_executables.SUFFIX):
-        files = sorted(tmp_path.glob("*" + suffix))
-        assert len(files) == 3
-        blobs = {f: f.read_bytes() for f in files}
-        for f in files:
-            other = next(g for g in files if g != f)
-            f.write_bytes(blobs[other])
-    assert _toy_step(tmp_path, {"lr": 0.1})[1] == "traced"
-
-
-def test_stored_executable_is_keyed_by_the_compiler_and_skipped_when_it_cannot_load(
-    tmp_path, monkeypatch
-):
-    assert _toy_step(tmp_path, {"lr": 0.1})[1] == "traced"
-    assert _toy_step(tmp_path, {"lr": 0.1})[1] == "cached"
-    # Other XLA flags compile other code: the traced program is reused, the executable not.
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-    assert _toy_step(tmp_path, {"lr": 0.1})[1] == "cached program"
-    monkeypatch.delenv("XLA_FLAGS")
-    exe_files = sorted(tmp_path.glob("*" + stored_executables.SUFFIX))
-    assert len(exe_files) == 2
-    # A file that no longer loads (another runtime) is ignored, then replaced.
-    for f in exe_files:
-        header = f.read_bytes().partition(b"\n")[0]
-        f.write_bytes(header + b"\nnot a pickle")
-    step, how, state, x = _toy_step(tmp_path, {"lr": 0.1})
-    assert how == "cached program"
-    assert float(step(state, x)[1]["loss"]) == pytest.approx(2.45)
-    assert _toy_step(tmp_path, {"lr": 0.1})[1] == "cached"
-
-
-def _solve(state, x):
-    # jnp.linalg.solve lowers to a LAPACK custom call on the CPU.
-    a = jnp.eye(3) * (2.0 + x[:, None])
-    new = {"w": jnp.linalg.solve(a, state["w"]), "n": state["n"] + 1}
-    return new, {"loss": jnp.sum(new["w"] ** 2)}
-
-
-def test_a_program_with_custom_calls_keeps_only_its_traced_program(tmp_path):
-    state = {"w": jnp.ones(3), "n": jnp.zeros((), jnp.int32)}
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    hows = []
-    for _ in range(2):
-        step, how = step_cache.cached_step(
-            _solve,
-            dict(state),
-            jnp.arange(3.0),
-            metric_sharding=sharding,
-            identity={"solve": 1},
-            directory=tmp_path,
-        )
-        hows.append(how)
-    assert hows == ["traced", "cached program"]
-    assert not list(tmp_path.glob("*" + stored_executables.SUFFIX))
-    new, _ = step(dict(state), jnp.arange(3.0))
-    np.testing.assert_allclose(new["w"], [1 / 2, 1 / 3, 1 / 4], rtol=1e-6)
+def test_every_source_declares_whether_it_traces():
+    sources = [
+        Sinusoid,
+        Omniglot,
+        FewRel,
+        LanguageModeling,
+        LanguageID,
+        MovieRatings,
+        Translate,
+        WordTokens,
+        FewRelTokens,
+        TranslateTokens,
+        MappedSource,
+    ]
+    assert all(TaskSource in cls.__mro__ for cls in sources)
+    assert [cls.__name__ for cls in sources if cls.traceable] == ["Sinusoid"]
 
 
 def test_key_differs_by_inner_steps_and_not_by_the_log_interval():
     def identity(*sets, steps=4):
-        return step_cache.program_identity(load_config("sinusoid:tiny", list(sets)), "fused", steps)
+        config = load_config("sinusoid:tiny", list(sets))
+        return dispatch.program_identity(config, dispatch.Form("fused", steps))
 
     assert identity() != identity("algorithm.inner_steps=2")
     assert identity() == identity("train.log_every=7")
@@ -205,7 +152,7 @@ def test_key_differs_by_inner_steps_and_not_by_the_log_interval():
 )
 def test_steps_per_call_divides_every_boundary(log_every, checkpoint_every, steps, start, expected):
     tc = TrainConfig(steps=steps, log_every=log_every, checkpoint_every=checkpoint_every)
-    assert step_cache.steps_per_call(tc, start) == expected
+    assert dispatch.steps_per_call(tc, start) == expected
 
 
 def test_step_window_means_and_names_the_bad_step():
@@ -231,7 +178,7 @@ def test_step_window_means_and_names_the_bad_step():
 def test_nan_inside_a_fused_dispatch_names_its_step(tmp_path):
     # 4 good steps, then (resumed) a rate that blows up at step 6, inside dispatch 5..8.
     sets = ["train.log_every=4", "train.checkpoint_every=4"]
-    _train(tmp_path / "run", "train.steps=4", *sets, step_cache_dir=None)
+    _train(tmp_path / "run", "train.steps=4", *sets, program_cache_dir=None)
     config = load_config("sinusoid:tiny", [*SETS, *sets, "optimizer.lr=1e30"])
     with pytest.raises(NonFiniteError, match=r"^step 6: meta-train metric .* is (inf|nan)"):
         loop.train(
@@ -240,6 +187,6 @@ def test_nan_inside_a_fused_dispatch_names_its_step(tmp_path):
             echo=lambda *_: None,
             bar=False,
             allow_changes=True,
-            step_cache_dir=None,
+            program_cache_dir=None,
         )
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["4"]

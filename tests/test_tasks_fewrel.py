@@ -3,12 +3,13 @@
 import dataclasses
 import functools
 import json
-from pathlib import Path
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import data_dir
 
 import metajax as mj
 from metajax.models.losses import classification_loss
@@ -19,7 +20,7 @@ from metajax.tasks import fewrel as F
 # tests/test_models_transformer.py), and one jitted apply beats op-by-op dispatch.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fewrel"
+SHARED = data_dir("fewrel")
 E1, E1_END, E2, E2_END = F._MARKER_IDS["byte"]
 
 
@@ -205,6 +206,19 @@ def test_in_domain_and_cross_domain_splits_on_toy_files(tmp_path):
     assert len(s.train_relations) == 6 and F.resolve(s)["test"].keys() == {"R03", "N1"}
     with pytest.raises(F.FewRelError, match="num_val=12"):
         F.protocol_splits("in_domain", (path,), num_val=12)
+
+
+def test_relative_names_are_looked_up_in_the_variable_folder_only(tmp_path, monkeypatch):
+    monkeypatch.delenv("METAJAX_FEWREL_DIR", raising=False)
+    with pytest.raises(F.FewRelError, match=r"val_semeval.json: set task.data_dir or \$METAJAX_"):
+        F.protocol_splits("cross_domain")
+    rels = {f"R{i:02d}": [sentence(["a", "b"], [0], [1])] * 2 for i in range(10)}
+    write(tmp_path / "one.json", rels)
+    monkeypatch.setenv("METAJAX_FEWREL_DIR", str(tmp_path))
+    s = F.protocol_splits("in_domain", ("one.json",), num_val=2, num_test=3)
+    assert s.train_files == (str(tmp_path / "one.json"),) and len(s.train_relations) == 5
+    with pytest.raises(F.FewRelError, match=re.escape(f"looked up in {tmp_path}: set")):
+        F.load_file(str(tmp_path / "two.json"))
 
 
 def test_shared_protocols():

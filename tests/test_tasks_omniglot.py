@@ -1,20 +1,19 @@
 """Omniglot: offline builder over the real zips, episodes, splits, rotations, errors, TFDS path."""
 
 import os
-import pathlib
 import zipfile
 
 import jax
 import numpy as np
 import pytest
+from conftest import data_dir
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from metajax.tasks import omniglot as om  # noqa: E402
 from metajax.tasks import omniglot_builder as ob  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-ZIP_DIR = pathlib.Path(os.environ.get("METAJAX_OMNIGLOT_DIR", REPO.parent / "shared/data/omniglot"))
+ZIP_DIR = data_dir("omniglot")
 SMALL = ("images_background_small1.zip", "images_background_small2.zip")
 SMALL_ALPHABETS = {
     "Balinese",

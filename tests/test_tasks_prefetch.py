@@ -3,6 +3,7 @@
 import dataclasses
 import threading
 import time
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -19,6 +20,7 @@ class Toy:
     seed: int = 0
     fail_at: int | None = None
     delay: float = 0.0
+    traceable: ClassVar[bool] = False  # declared: Toy does not subclass TaskSource
 
     def sample(self, step, num_tasks, first_task=0):
         if step == self.fail_at:
@@ -42,6 +44,16 @@ def same(a, b):
 
 def test_is_a_task_source():
     assert isinstance(Toy(), TaskSource)
+
+    class Undeclared:
+        sample = Toy.sample
+
+    class Subclass(TaskSource):
+        sample = Toy.sample
+
+    # A source says whether it traces: a subclass inherits False, others must declare it.
+    assert not isinstance(Undeclared(), TaskSource)
+    assert isinstance(Subclass(), TaskSource) and Subclass.traceable is False
 
 
 @pytest.mark.parametrize("start,first_task,depth", [(0, 0, 1), (7, 4, 3)])

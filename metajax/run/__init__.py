@@ -5,7 +5,7 @@ Nothing outside this package imports it: ``import metajax`` gives the primitives
 | module | holds |
 |---|---|
 | ``config`` | the config schema (a leaf module), ``--set`` parsing, JSON round trips |
-| ``config_files`` | finding and loading ``experiments/*.py`` by name |
+| ``config_files`` | finding config files by name (``metajax/configs/``, a user's own) |
 | ``families/`` | one module per task family, found by name |
 | ``setup`` | what a family builds: model, losses, task sources |
 | ``build`` | config -> experiment: the algorithm table, the outer optimizer |

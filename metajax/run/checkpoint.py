@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -66,7 +67,6 @@ class Checkpointer:
             one line.
         """
         step = self.latest_step() if step is None else step
-        _quiet_abandoned_reads()  # first: the reports come while orbax is still unwinding
         try:
             stored = self.manager.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
@@ -167,30 +167,37 @@ def resume(workdir: Path, like, keep: int, total_steps: int, lead: bool, echo=pr
     return restored, start
 
 
-def _quiet_abandoned_reads() -> None:
-    """Drops the reports of reads that a failed restore abandoned.
+def quiet_abandoned_reads() -> Callable[[], None]:
+    """Drops the reports of reads that a failed restore abandoned, until the function it
+    returns puts the process's stderr and unraisable hook back.
 
     When one array of a checkpoint fails to read, orbax stops and closes its event loop;
     tensorstore's other reads still finish, on tensorstore's own threads, and each reports
     to that closed loop: a ``RuntimeError('Event loop is closed')`` traceback, dozens of
-    them, during the restore and after it. Tensorstore hands each one to
-    ``sys.unraisablehook`` or prints it to ``sys.stderr`` itself. Nothing waits for those
-    reads, so both are wrapped (from the first restore on) to drop exactly that error from
-    a thread Python did not start; everything else passes through unchanged.
+    them, during the restore and up to a fraction of a second after it. Tensorstore hands
+    each one to ``sys.unraisablehook`` or prints it to ``sys.stderr`` itself. Nothing waits
+    for those reads, so both are wrapped to drop exactly that error from a thread Python did
+    not start; everything else passes through unchanged. Both belong to the process: the
+    CLI installs this, and a library caller may.
     """
-    if not isinstance(sys.stderr, _AbandonedReadFilter):
-        sys.stderr = _AbandonedReadFilter(sys.stderr)
-    previous = sys.unraisablehook
-    if getattr(previous, "_metajax_quiet", False):
-        return
+    stderr, previous_hook = sys.stderr, sys.unraisablehook
+    quiet_stderr = _AbandonedReadFilter(stderr)
 
     def hook(unraisable):
         value = unraisable.exc_value
         if not (_foreign_thread() and isinstance(value, RuntimeError) and _abandoned(value)):
-            previous(unraisable)
+            previous_hook(unraisable)
 
-    hook._metajax_quiet = True
-    sys.unraisablehook = hook
+    def restore() -> None:
+        quiet_stderr.release()
+        # Whatever replaced them meanwhile (a test's capture, say) is left in place.
+        if sys.stderr is quiet_stderr:
+            sys.stderr = stderr
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous_hook
+
+    sys.stderr, sys.unraisablehook = quiet_stderr, hook
+    return restore
 
 
 def _abandoned(value: BaseException) -> bool:
@@ -202,7 +209,7 @@ def _foreign_thread() -> bool:
 
 
 class _AbandonedReadFilter:
-    """``sys.stderr`` less the tracebacks of :func:`_quiet_abandoned_reads`: a foreign
+    """``sys.stderr`` less the tracebacks of :func:`quiet_abandoned_reads`: a foreign
     thread's traceback is held until its last line, then dropped if it is that error."""
 
     _DROPPED = "RuntimeError: Event loop is closed\n"
@@ -225,6 +232,13 @@ class _AbandonedReadFilter:
             if not held.endswith(self._DROPPED):
                 self._inner.write(held)
             return len(text)
+
+    def release(self) -> None:
+        """Writes what is still held: unfinished tracebacks are not the dropped error."""
+        with self._lock:
+            held, self._held = self._held, {}
+        for text in held.values():
+            self._inner.write(text)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)

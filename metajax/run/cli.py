@@ -6,7 +6,7 @@
     metajax list
 
 CONFIG is an experiment name (``sinusoid``), a name with a variant (``sinusoid:tiny``) or a
-config file path (``experiments/sinusoid.py[:tiny]``). Several hosts: start one process per
+config file path (``my_configs/sinusoid.py[:tiny]``). Several hosts: start one process per
 host with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or the
 ``METAJAX_COORDINATOR``, ``METAJAX_NUM_PROCESSES``, ``METAJAX_PROCESS_ID`` variables).
 Config errors (and a workdir another process writes to) print one line and exit 2; Ctrl-C
@@ -23,6 +23,8 @@ import sys
 from collections.abc import Sequence
 
 DEFAULT_CACHE = os.path.join("~", ".cache", "metajax", "jax")
+# What train and eval import besides the primitives: the extra ``metajax[run]``.
+RUN_MODULES = ("tqdm", "orbax.checkpoint", "matplotlib")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -109,6 +111,8 @@ def _split_config(args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Called in-process, the command leaves the process's streams as it found them.
+    args.restore_streams = argv is not None
     code = _guarded(args)
     if code == 130 and argv is None:
         # A Ctrl-C that lands inside XLA (tracing, compiling) can leave its threads in a
@@ -137,22 +141,34 @@ def _guarded(args) -> int:
 
 
 def _main(args) -> int:
+    from metajax import _extras
     from metajax.run.config import ConfigError
     from metajax.run.workdir import WorkdirBusyError
 
     if args.command == "list":
         return _list()
     _split_config(args)
-    if args.command == "train" and args.config is not None and _lead(args):
-        # Importing jax and the family takes seconds: say what is happening first.
-        print(f"building {args.config} ...", flush=True)
     try:
+        if args.command in ("train", "eval"):
+            # Checked before anything is written: plots are drawn only after training.
+            _extras.require(RUN_MODULES, f"metajax {args.command}")
+        if args.command == "train" and args.config is not None and _lead(args):
+            # Importing jax and the family takes seconds: say what is happening first.
+            print(f"building {args.config} ...", flush=True)
         return _run(args)
     except WorkdirBusyError as e:
         print(f"metajax: {e}", file=sys.stderr)
         return 2
     except ConfigError as e:
         print(f"metajax: config error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        # An optional package a family or a pretrained model needs; families list theirs
+        # (REQUIRES) and fail before building, pretrained readers import theirs on loading.
+        message = str(e) if isinstance(e, _extras.MissingExtraError) else _extras.hint(e)
+        if message is None:
+            raise
+        print(f"metajax: {message}", file=sys.stderr)
         return 2
 
 
@@ -208,8 +224,13 @@ def _run(args) -> int:
         raise ConfigError("eval needs --workdir DIR (a metajax train run directory).")
     setup_compilation_cache(args.cache_dir)
     from metajax.run import loop
+    from metajax.run.checkpoint import quiet_abandoned_reads
     from metajax.run.logs import NonFiniteError
 
+    # The process's stderr is the command's to filter, not the library's. Abandoned reads
+    # may report after the command has returned: a process that is the command keeps the
+    # filter until it exits.
+    restore_streams = quiet_abandoned_reads()
     try:
         if args.command == "train":
             workdir = args.workdir or os.path.join("runs", config.name)
@@ -232,6 +253,9 @@ def _run(args) -> int:
     except loop.Interrupted as e:
         print(f"metajax: {e}", file=sys.stderr)
         return 130
+    finally:
+        if args.restore_streams:
+            restore_streams()
     return 0
 
 

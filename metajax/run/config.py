@@ -1,9 +1,9 @@
 """The experiment config schema: frozen dataclasses, ``--set`` overrides, JSON round trips.
 
 A leaf module: it imports nothing from metajax, so config files, task families and the
-runner can all import it. A config file in ``experiments/`` defines ``get_config(variant)
--> Config`` (big_vision style); ``Config.task`` is the task family's own frozen dataclass
-(``TaskConfig`` in ``metajax/run/families/<family>.py``).
+runner can all import it. A config file (``metajax/configs/<name>.py``, or a user's own)
+defines ``get_config(variant) -> Config`` (big_vision style); ``Config.task`` is the task
+family's own frozen dataclass (``TaskConfig`` in ``metajax/run/families/<family>.py``).
 """
 
 from __future__ import annotations

@@ -17,9 +17,15 @@ from metajax.run.config import Config, ConfigError, apply_overrides, suggest
 
 
 def search_path() -> list[Path]:
-    """Where config names are looked up: ``$METAJAX_EXPERIMENTS``, ./experiments, the repo's."""
+    """Where config names are looked up, first match wins.
+
+    ``$METAJAX_EXPERIMENTS`` (folders separated by ``os.pathsep``), then ``./experiments``
+    (a user's own configs, next to where they run), then the configs metajax ships
+    (``metajax/configs``), so a user's file of the same name overrides a packaged one.
+    """
     extra = [Path(p) for p in os.environ.get("METAJAX_EXPERIMENTS", "").split(os.pathsep) if p]
-    return extra + [Path.cwd() / "experiments", Path(__file__).resolve().parents[2] / "experiments"]
+    packaged = Path(__file__).resolve().parents[1] / "configs"
+    return extra + [Path.cwd() / "experiments", packaged]
 
 
 def experiment_names() -> list[str]:

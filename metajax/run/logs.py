@@ -36,10 +36,6 @@ class MetricsWindow:
         self.pending, self.fetched, self.count = [], {}, 0
         self.time = now() if time is None else time
 
-    def start_clock(self) -> None:
-        """Steps per second count from now (e.g. once the step is compiled)."""
-        self.time = now()
-
     def add(self, metrics: dict, count: int = 1) -> None:
         """``metrics`` of ``count`` meta-steps: scalars for one, else arrays ``(count,)``."""
         self.pending.append((metrics, count))

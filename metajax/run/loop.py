@@ -18,23 +18,22 @@ included: a config error leaves no workdir behind. A workdir without a checkpoin
 start that failed) is started anew. Ctrl-C stops at the next step boundary after writing a
 checkpoint there.
 
-The loop never waits for the device between log lines: :mod:`metajax.run.step_cache`
-dispatches several meta-steps per call for sources sampled on the device (the count
-divides the log and checkpoint intervals, so both land where configured) and prefetches
-host-sampled batches in a thread; metrics are fetched once per log window, after the next
-dispatch has been issued. That module also keeps the traced step for the next process.
+The loop never waits for the device between log lines: :mod:`metajax.run.dispatch` runs
+several meta-steps per call for sources sampled on the device (the count divides the log
+and checkpoint intervals, so both land where configured) and prefetches host-sampled
+batches in a thread; metrics are fetched once per log window, after the next dispatch has
+been issued. :mod:`metajax.run.program_cache` keeps the traced step for the next process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 import jax
 
 from metajax import parallel
-from metajax.run import logs, step_cache
+from metajax.run import dispatch, logs, program_cache
 from metajax.run.build import Experiment, build
 from metajax.run.checkpoint import Checkpointer, resume
 from metajax.run.config import Config, ConfigError, changed_keys, to_dict, validate
@@ -72,7 +71,7 @@ def train(
     evaluate: bool | None = None,
     allow_changes: bool = False,
     fast_path: bool = True,
-    step_cache_dir: str | Path | None = "auto",
+    program_cache_dir: str | Path | None = "auto",
 ) -> TrainState:
     """Trains (or resumes) ``config`` in ``workdir``; then evaluates if ``config.eval.after_train``.
 
@@ -87,11 +86,11 @@ def train(
       evaluate: evaluate at the end (None: ``config.eval.after_train``).
       allow_changes: resume even if the model, algorithm, optimizer or data changed (the
         change is recorded in ``config_history.jsonl``).
-      fast_path: False: one dispatch per meta-step, sampled in this thread, traced anew
-        (the plain loop, the reference the fast path is tested against). ``parallel="pmap"``
-        always runs it.
-      step_cache_dir: where traced steps are kept for the next process; ``"auto"``:
-        :func:`metajax.run.step_cache.default_directory`; None: nowhere.
+      fast_path: False: the plain form of :mod:`metajax.run.dispatch`, one dispatch per
+        meta-step of the train step as it is, traced anew (the reference the fast path is
+        tested against). ``parallel="pmap"`` always runs it.
+      program_cache_dir: where traced steps are kept for the next process; ``"auto"``:
+        :func:`metajax.run.program_cache.default_directory`; None: nowhere.
 
     Returns:
       The final train state (host-fetchable, replicated over the mesh).
@@ -142,7 +141,7 @@ def train(
                 held.close()
                 _remove_empty(workdir)
             raise
-        plan = step_cache.Dispatch(
+        plan = dispatch.Plan(
             step_fn,
             state,
             exp.setup.train_source,
@@ -150,8 +149,6 @@ def train(
             first_task,
             (lambda t: t) if tc.parallel == "pmap" else (lambda t: parallel.shard_tasks(t, mesh)),
             start,
-            None,  # the progress display, made once files may be written
-            clock=None,
         )
         return _train_from(
             exp,
@@ -166,7 +163,7 @@ def train(
             echo=echo,
             evaluate=will_evaluate,
             fast_path=fast_path,
-            step_cache_dir=step_cache_dir,
+            program_cache_dir=program_cache_dir,
         )
 
 
@@ -174,7 +171,7 @@ def _train_from(
     exp: Experiment,
     workdir: Path,
     ckpt: Checkpointer,
-    plan: step_cache.Dispatch,
+    plan: dispatch.Plan,
     *,
     changes,
     mesh,
@@ -184,7 +181,7 @@ def _train_from(
     echo,
     evaluate,
     fast_path,
-    step_cache_dir,
+    program_cache_dir,
 ) -> TrainState:
     """The train loop from ``plan.start`` on, once every check has passed."""
     state, start, will_evaluate = plan.state, plan.start, evaluate
@@ -204,22 +201,25 @@ def _train_from(
     pmap = tc.parallel == "pmap"
     canonical = parallel.unreplicate if pmap else (lambda s: s)
     bar = logs.Progress(config.name, tc.steps, start, enabled=progress and lead, bar=bar, echo=echo)
-    plan = plan._replace(bar=bar, clock=lambda: window.start_clock())
-    fast = fast_path and not pmap
-    if not fast:
-        steps = _reference_steps(plan, tc.steps)
-    elif step_cache_dir == "auto":
-        steps = step_cache.fast_steps(config, plan, mesh, step_cache.default_directory())
-    else:
-        steps = step_cache.fast_steps(config, plan, mesh, step_cache_dir and Path(step_cache_dir))
-
+    form = dispatch.choose_form(tc, plan.source, start, fast_path=fast_path)
+    if program_cache_dir == "auto":
+        program_cache_dir = program_cache.default_directory()
     log_path = metrics_path if lead else None
-    window = logs.MetricsWindow(start)
     lagging = None  # a finished log window, flushed once the next dispatch is on its way
     done, saved = start, start
+    steps = None
     stop = StopRequest()
     try:
         with stop:
+            steps = dispatch.start(
+                config,
+                plan,
+                form,
+                mesh=mesh,
+                cache_dir=program_cache_dir and Path(program_cache_dir),
+                note=bar.note,
+            )
+            window = logs.MetricsWindow(start)  # the step is compiled: rates count from now
             for done, state, metrics, count in steps:
                 if lagging is not None:
                     _log(*lagging, log_path, bar)
@@ -231,7 +231,7 @@ def _train_from(
                     # Each row's rate covers the whole interval since the previous row,
                     # timed at the same point of the loop, checkpoints included.
                     now = logs.now()
-                    if fast and not checkpoint_now:
+                    if not checkpoint_now:
                         # Logging waits for this dispatch's metrics: dispatch the next first.
                         lagging, window = (window, done, now), logs.MetricsWindow(done, now)
                     else:
@@ -275,7 +275,8 @@ def _train_from(
             f"cross-process collective; another process has probably died. {e}"
         ) from e
     finally:
-        steps.close()
+        if steps is not None:
+            steps.close()
         bar.close()
         ckpt.close()
     state = canonical(state)
@@ -320,26 +321,6 @@ def _log(window, done: int, now: float, metrics_path: Path | None, bar: logs.Pro
     if metrics_path is not None:
         logs.append_row(metrics_path, row)
     bar.update(done, row)
-
-
-def _reference_steps(plan: step_cache.Dispatch, steps: int):
-    """One dispatch per meta-step, sampled in this thread: the plain form of the loop.
-
-    Yields as :func:`metajax.run.step_cache.fast_steps` does; the clock starts after the
-    first step, which compiles on call.
-    """
-    state, start, bar = plan.state, plan.start, plan.bar
-    for step in range(start, steps):
-        tasks = plan.source.sample(step, plan.local_tasks, plan.first_task)
-        if step == start:
-            bar.note("compiling the meta-step")
-            t0 = time.perf_counter()
-        state, metrics = plan.step_fn(state, plan.prepare(tasks))
-        if step == start:
-            jax.block_until_ready(metrics)
-            bar.note(f"meta-step ready in {time.perf_counter() - t0:.2f} s")
-            plan.clock()
-        yield step + 1, state, metrics, 1
 
 
 # fmt: off

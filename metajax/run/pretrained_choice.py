@@ -40,6 +40,7 @@ from metajax import lora as lora_lib
 from metajax.models.losses import next_token_loss, next_token_metrics
 from metajax.run.config import Config, ConfigError
 from metajax.run.trunk_cache import TrunkCache, file_digest, params_digest
+from metajax.tasks.base import TaskSource
 from metajax.types import Task
 
 SCRATCH = "scratch"
@@ -370,7 +371,7 @@ def freeze_base(
     return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
-class MappedSource:
+class MappedSource(TaskSource):
     """A task source whose support and query batches pass through ``fn`` (host side).
 
     ``sample`` stays a pure function of ``(step, num_tasks, first_task)`` when ``fn`` is one

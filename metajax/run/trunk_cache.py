@@ -130,6 +130,19 @@ class TrunkCache:
         out = np.stack([found[k] for k in keys])
         return out.reshape(*tokens.shape, out.shape[-1])
 
+    def store(self, tokens: Any, states: Any) -> None:
+        """Writes ``states`` float32 ``(n, seq, width)`` of int ``tokens (n, seq)`` computed
+        elsewhere (a pass that also reads other layers), so :meth:`hidden` finds them; the
+        caller vouches that they are this trunk's output."""
+        tokens, states = np.asarray(tokens, np.int32), np.asarray(states, np.float32)
+        if tokens.ndim != 2 or states.shape[:2] != tokens.shape:
+            raise ValueError(f"tokens {tokens.shape} and states {states.shape} do not match.")
+        with self._lock:
+            for row, value in zip(tokens, states):
+                key = hashlib.sha256(np.ascontiguousarray(row).tobytes()).hexdigest()
+                if not self._path(key).is_file():
+                    self._write(key, np.ascontiguousarray(value))
+
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.npy"
 

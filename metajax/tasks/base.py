@@ -10,7 +10,7 @@ while the union equals the single-process meta-batch.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -19,7 +19,16 @@ from metajax.types import Task
 
 @runtime_checkable
 class TaskSource(Protocol):
-    """A task distribution over one split (meta-train, meta-validation or meta-test)."""
+    """A task distribution over one split (meta-train, meta-validation or meta-test).
+
+    metajax's sources subclass it, which gives them ``traceable = False``; a source that
+    does not must declare ``traceable`` itself.
+    """
+
+    traceable: ClassVar[bool] = False
+    """Whether ``sample`` can be traced with ``step`` a traced int32 scalar (``jax.random``
+    rather than numpy): the runner's train loop then samples inside its compiled step,
+    several meta-steps per dispatch, instead of sampling on the host every meta-step."""
 
     def sample(self, step: int, num_tasks: int, first_task: int = 0) -> Task:
         """Tasks ``first_task .. first_task + num_tasks - 1`` of meta-batch ``step``.

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from metajax.tasks.base import split_id, task_rng
+from metajax.tasks.base import TaskSource, split_id, task_rng
 from metajax.types import Task
 
 BYTE_PAD, BYTE_VOCAB_SIZE = 256, 261
@@ -50,8 +50,8 @@ TOKENIZERS = ("byte", "word")
 # About 95 % of the default meta-training sentences fit, markers included.
 DEFAULT_MAX_LEN = {"byte": 192, "word": 48}
 
-# The shared copy beside the repository; $METAJAX_FEWREL_DIR overrides it.
-SHARED_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "fewrel"
+# The folder of relative file names when no data_dir is given.
+ENV = "METAJAX_FEWREL_DIR"
 WIKI, NYT, SEMEVAL = "val_wiki.json", "val_nyt.json", "val_semeval.json"
 
 
@@ -63,9 +63,10 @@ class FewRelError(ValueError):
 Sentence = tuple[tuple[str, ...], tuple[int, int], tuple[int, int]]
 
 
-def default_data_dir() -> Path:
-    """``$METAJAX_FEWREL_DIR`` if set, else the shared copy."""
-    return Path(os.environ.get("METAJAX_FEWREL_DIR") or SHARED_DIR)
+def default_data_dir() -> Path | None:
+    """``$METAJAX_FEWREL_DIR``, or none when it is unset."""
+    folder = os.environ.get(ENV)
+    return Path(folder) if folder else None
 
 
 def parse_sentence(inst: Any, where: str) -> Sentence:
@@ -100,11 +101,11 @@ def load_file(path: str) -> dict[str, tuple[Sentence, ...]]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         # Only a name looked up in the default folder is helped by pointing elsewhere.
-        default = default_data_dir().resolve()
+        default = default_data_dir()
         hint = (
             f" (relative names are looked up in {default}: set task.data_dir or "
-            "$METAJAX_FEWREL_DIR to their folder)"
-            if default in Path(path).resolve().parents
+            f"${ENV} to their folder)"
+            if default is not None and default.resolve() in Path(path).resolve().parents
             else ""
         )
         raise FewRelError(f"{path}: no such FewRel JSON file{hint}.") from None
@@ -219,7 +220,15 @@ def protocol_splits(
     - ``"files"``: each split is every relation of its own files (all three needed).
     """
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    paths = lambda fs: tuple(str(root / f) for f in fs)  # an absolute f stays as it is
+
+    def paths(files):
+        if root is None and not all(Path(f).is_absolute() for f in files):
+            raise FewRelError(
+                f"no FewRel data folder for {', '.join(files)}: set task.data_dir or ${ENV} "
+                "to the folder of the FewRel JSON files."
+            )
+        return tuple(str(f if root is None else root / f) for f in files)  # absolute f stays
+
     if protocol == "files":
         if not (train_files and val_files and test_files):
             raise FewRelError("protocol 'files' needs train_files, val_files and test_files.")
@@ -350,7 +359,7 @@ def _encoded_split(splits: Splits, split: str, tokenizer: str, max_len: int, voc
 
 
 @dataclasses.dataclass(frozen=True)
-class FewRel:
+class FewRel(TaskSource):
     """N-way K-shot relation classification; classes are the split's relations.
 
     ``sample`` returns ``Task(support=((tokens, positions), labels), query=...)``: tokens int32

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from metajax.tasks.base import split_id, task_rng
+from metajax.tasks.base import TaskSource, split_id, task_rng
 from metajax.types import Task
 
 FEATURES = ("mean", "shrunk_mean", "log_count", "seen")
@@ -242,7 +242,7 @@ class Bytes:
 TOKENIZERS = {"words": HashedWords, "bytes": Bytes}
 
 
-class MovieRatings:
+class MovieRatings(TaskSource):
     """The tasks of one user split: ``sample(step, num_tasks, first_task=0) -> Task``.
 
     Task ``i`` of meta-batch ``step`` draws a user of the split, then ``shots + queries`` of

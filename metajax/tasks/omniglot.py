@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from metajax.tasks import omniglot_builder as ob
-from metajax.tasks.base import split_id, task_rng
+from metajax.tasks.base import TaskSource, split_id, task_rng
 from metajax.types import Task
 
 IMAGE_SIZE = 28
@@ -57,7 +57,7 @@ class ClassPool(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Omniglot:
+class Omniglot(TaskSource):
     """Omniglot N-way K-shot tasks over one meta-split.
 
     ``sample`` returns ``Task(support=(x, y), query=(x, y))`` with a leading task axis T:

@@ -15,7 +15,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from metajax.tasks.base import split_id
+from metajax.tasks.base import TaskSource, split_id
 from metajax.types import Task
 
 AMPLITUDE = (0.1, 5.0)
@@ -24,7 +24,7 @@ INPUT = (-5.0, 5.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class Sinusoid:
+class Sinusoid(TaskSource):
     """Sinusoid tasks; splits differ only by random stream (the distribution is continuous).
 
     Attributes:
@@ -38,9 +38,7 @@ class Sinusoid:
     queries: int = 10
     split: str = "train"
     seed: int = 0
-    # ``sample`` is jittable in ``step`` (a traced int32 scalar): a train loop may sample
-    # inside its compiled step instead of dispatching a sampler per step.
-    traceable: ClassVar[bool] = True
+    traceable: ClassVar[bool] = True  # sampled with jax.random
 
     def __post_init__(self):
         if self.shots < 1 or self.queries < 1:

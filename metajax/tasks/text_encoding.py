@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from metajax.tasks import fewrel, translate, words
-from metajax.tasks.base import split_id, task_rng
+from metajax.tasks.base import TaskSource, split_id, task_rng
 from metajax.types import Task
 
 EncodeIds = Callable[[str], list[int]]
@@ -74,7 +74,7 @@ class TokenEncoder:
         return tokens, mask
 
 
-class WordTokens:
+class WordTokens(TaskSource):
     """:class:`~metajax.tasks.words.LanguageModeling` tasks re-encoded by a
     :class:`TokenEncoder`: the same words, ``(tokens, mask)`` of shape ``(T, K, max_len)``
     (``(T, Q, max_len)`` for the query). A word of at most ``max_len - 2`` UTF-8 bytes always
@@ -185,7 +185,7 @@ def _pieces(sent: fewrel.Sentence) -> list[str | int]:
     return pieces
 
 
-class FewRelTokens:
+class FewRelTokens(TaskSource):
     """N-way K-shot tasks of one meta-split in a model's tokens.
 
     ``sample`` makes the draws of :meth:`metajax.tasks.fewrel.FewRel.sample` and encodes the
@@ -302,7 +302,7 @@ class PairEncoder:
         return out
 
 
-class TranslateTokens:
+class TranslateTokens(TaskSource):
     """:class:`~metajax.tasks.translate.Translate` tasks in a model's tokens: the same
     languages per task, drawn the same way from each language's pairs that fit ``max_len``
     tokens. Returns ``Task(support=(tokens, mask), query=(tokens, mask))``, ``(T, K, L)`` and

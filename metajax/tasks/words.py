@@ -34,7 +34,7 @@ import unicodedata
 import numpy as np
 
 from metajax.tasks import languages as lang_lib
-from metajax.tasks.base import split_id, task_rng
+from metajax.tasks.base import TaskSource, split_id, task_rng
 from metajax.types import Task
 
 PAD, BOS, EOS = 256, 257, 258
@@ -106,7 +106,7 @@ def available_languages() -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _WordTasks:
+class _WordTasks(TaskSource):
     split: str = "train"
     seed: int = 0
     languages: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None

@@ -52,8 +52,7 @@ class FewRelTask(ModelChoice):
         news relations), in_domain (Wikipedia relations split into train, validation and 5
         test relations) or files (each split is every relation of its own files); relations
         chosen from sorted ids, see metajax.tasks.fewrel.protocol_splits.
-      data_dir: folder of relative file names; none: $METAJAX_FEWREL_DIR or
-        ../shared/data/fewrel.
+      data_dir: folder of relative file names; none: $METAJAX_FEWREL_DIR.
       train_files: FewRel JSON files of meta-training; empty: the protocol's (cross_domain:
         val_wiki.json and val_semeval.json; in_domain: val_wiki.json).
       val_files: files of the validation relations; empty: the protocol's (as train_files).

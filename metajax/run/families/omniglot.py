@@ -18,8 +18,7 @@ from metajax.models.losses import accuracy_metric, classification_loss
 from metajax.run.config import Config, ConfigError, require_positive
 from metajax.run.setup import Embedding, Setup
 
-# The offline zips shipped beside the repository (8 background alphabets).
-DEFAULT_ZIP_DIR = Path(__file__).resolve().parents[4] / "shared" / "data" / "omniglot"
+ENV = "METAJAX_OMNIGLOT_DIR"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +35,7 @@ class OmniglotTask:
       norm: ConvNet normalisation, batch (transductive, as in MAML), layer or none.
       source: zips (offline builder over the official zips) or tfds (stock TFDS omniglot,
         the full 30 + 20 alphabets where it can be downloaded).
-      zip_dir: folder with the zips; none: $METAJAX_OMNIGLOT_DIR or ../shared/data/omniglot.
+      zip_dir: folder with the official zips (source zips); none: $METAJAX_OMNIGLOT_DIR.
       data_dir: TFDS data dir for the prepared dataset; none: $TFDS_DATA_DIR or
         ~/tensorflow_datasets.
       download: source tfds: let TFDS download and prepare (needs TensorFlow).
@@ -61,6 +60,8 @@ TaskConfig = OmniglotTask
 # Keys that `metajax eval --set` may change on a trained workdir: what is evaluated, not
 # what was trained.
 EVAL_KEYS = ("task.eval_split", "task.zip_dir", "task.data_dir", "task.source")
+# Optional packages the family needs, checked when it is loaded (metajax._extras).
+REQUIRES = ("tensorflow_datasets", "array_record", "PIL")
 
 
 def input_shape(config: Config) -> tuple[int, ...]:
@@ -72,8 +73,18 @@ def input_shape(config: Config) -> tuple[int, ...]:
 
 
 def zip_dir(task: OmniglotTask) -> str:
-    """Explicit ``task.zip_dir``, else ``$METAJAX_OMNIGLOT_DIR``, else the shared zips."""
-    return task.zip_dir or os.environ.get("METAJAX_OMNIGLOT_DIR") or str(DEFAULT_ZIP_DIR)
+    """Explicit ``task.zip_dir``, else ``$METAJAX_OMNIGLOT_DIR``.
+
+    Raises:
+      ConfigError: neither is set.
+    """
+    folder = task.zip_dir or os.environ.get(ENV)
+    if not folder:
+        raise ConfigError(
+            f"no Omniglot data: set task.zip_dir or ${ENV} to the folder of the official zips "
+            "(images_background.zip, images_evaluation.zip, ...)."
+        )
+    return folder
 
 
 def build(config: Config) -> Setup:
@@ -94,7 +105,8 @@ def build(config: Config) -> Setup:
         queries=task.queries,
         seed=seed,
         source=task.source,
-        zip_dir=zip_dir(task),
+        # The stock TFDS source reads no zips.
+        zip_dir=zip_dir(task) if task.source == "zips" else task.zip_dir,
         data_dir=task.data_dir,
         download=task.download,
         dtype="uint8",
@@ -128,5 +140,5 @@ def _check(task: OmniglotTask) -> None:
             raise ConfigError(
                 f"Omniglot folder {folder} holds none of the official zips "
                 f"({', '.join(s + '.zip' for s in ZIP_SPLITS)}): set "
-                "task.zip_dir or $METAJAX_OMNIGLOT_DIR to their folder."
+                f"task.zip_dir or ${ENV} to their folder."
             )

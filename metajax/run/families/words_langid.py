@@ -18,6 +18,8 @@ from metajax.tasks import words
 
 TaskConfig = WordsTask
 EVAL_KEYS = ("task.eval_split",)
+# Optional packages the family needs, checked when it is loaded (metajax._extras).
+REQUIRES = ("wordfreq",)
 
 
 def build(config: Config) -> Setup:

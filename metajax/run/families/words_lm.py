@@ -67,6 +67,8 @@ class WordsTask(ModelChoice):
 
 TaskConfig = WordsTask
 EVAL_KEYS = ("task.eval_split",)
+# Optional packages the family needs, checked when it is loaded (metajax._extras).
+REQUIRES = ("wordfreq",)
 
 
 def check(task: WordsTask) -> None:

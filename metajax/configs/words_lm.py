@@ -40,8 +40,8 @@ or a frozen trunk (``task.trainable_blocks``) makes it affordable.
 """
 
 import dataclasses
-from pathlib import Path
 
+from metajax.configs import checkout_fixture
 from metajax.run.config import (
     AlgorithmConfig,
     Config,
@@ -63,7 +63,6 @@ VARIANTS = (
     *(f"gpt2_tiny_{a}" for a in GPT2_ALGORITHMS[1:]),
 )
 GPT2 = "models/gpt2"
-FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gpt2_tiny"
 
 
 def algorithm(algo: str, inner_steps: int, inner_lr: float):
@@ -99,7 +98,7 @@ def _gpt2(variant: str) -> Config:
             queries=2,
             max_len=12,
             num_words=200,
-            model=str(FIXTURE),
+            model=checkout_fixture("gpt2_tiny"),
             lora_rank=2,
             lora_alpha=4.0,
         )

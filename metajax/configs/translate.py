@@ -4,8 +4,10 @@ A task is one target language: adapt on K (English, target) pairs of CLDR displa
 territories and languages (``"Germany"`` -> Finnish ``"Saksa"``), then translate 16 other
 English names. Meta-test languages come from families and scripts never seen in
 meta-training: Dravidian, Koreanic and Kra-Dai (kn, ko, lo, ml, ta, te, th;
-:mod:`metajax.tasks.translate`); ``--set task.eval_split=validation`` evaluates the
-validation languages (chr, el, hy, ka) instead, for choosing checkpoints and rates. The
+:mod:`metajax.tasks.translate`); ``--set task.test_group=latin`` evaluates the other test
+group, Latin-script languages of families never seen in meta-training (Turkic, Uralic,
+Austronesian, Niger-Congo, ...: vi, tr, fi, sw, ...), and ``--set task.eval_split=validation``
+the validation languages (chr, el, hy, ka), for choosing checkpoints and rates. The
 runner's evaluation reports the query bits per target byte after 0..``eval.inner_steps``
 steps; ``metajax.tasks.translate.translation_metrics`` adds greedy-decoded chrF and exact
 match.
@@ -31,8 +33,7 @@ meta-learned; ``task.trainable_blocks`` freezes and caches the bottom blocks).
 ``gpt2_tiny`` runs it in seconds on the committed random-weights GPT-2 fixture.
 """
 
-from pathlib import Path
-
+from metajax.configs import checkout_fixture
 from metajax.run.config import (
     AlgorithmConfig,
     Config,
@@ -49,7 +50,6 @@ STEPS = {8: 600, 32: 300}
 # cover every step count, chrF these.
 SCORE_STEPS = (0, 1, 2, 3, 5, 10, 15, 20)
 VARIANTS = ("tiny", "gpt2_tiny", *(f"{k}_{a}" for k in SHOTS for a in ALGORITHMS))
-FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gpt2_tiny"
 
 
 def algorithm(algo: str, shots: int) -> tuple[AlgorithmConfig, OptimizerConfig]:
@@ -71,8 +71,10 @@ def algorithm(algo: str, shots: int) -> tuple[AlgorithmConfig, OptimizerConfig]:
 def get_config(variant: str = "") -> Config:
     if variant in ("tiny", "gpt2_tiny"):
         algo_cfg, opt = algorithm("maml", 2)
-        scratch = dict(width=16, depth=1, heads=2, mlp_width=32)
-        gpt2 = dict(model=str(FIXTURE), lora_rank=2, lora_alpha=4.0)
+        if variant == "tiny":
+            model = dict(width=16, depth=1, heads=2, mlp_width=32)
+        else:
+            model = dict(model=checkout_fixture("gpt2_tiny"), lora_rank=2, lora_alpha=4.0)
         return Config(
             name=f"translate_{variant}",
             family="translate",
@@ -81,7 +83,7 @@ def get_config(variant: str = "") -> Config:
                 queries=2,
                 max_len=40,
                 decode_len=8,
-                **(gpt2 if variant == "gpt2_tiny" else scratch),
+                **model,
             ),
             algorithm=algo_cfg,
             optimizer=opt,

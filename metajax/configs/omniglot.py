@@ -1,8 +1,9 @@
 """Omniglot N-way K-shot with the 4-block ConvNet (Finn et al., 2017, section 5.2).
 
 Meta-test alphabets are never seen in meta-training. Offline, the data are the 8 alphabets of
-the two ``images_background_small`` zips in ``../shared/data/omniglot`` (split 5 train /
-1 validation / 2 test: Greek and Korean are the test alphabets); with
+the two ``images_background_small`` zips in the folder ``$METAJAX_OMNIGLOT_DIR`` or
+``--set task.zip_dir=DIR`` names (split 5 train / 1 validation / 2 test: Greek and Korean are
+the test alphabets); with
 ``--set task.source=tfds`` the same configs read the full TFDS ``omniglot`` dataset.
 
 Variants: ``<setting>_<algorithm>[_gpu]`` with setting ``5w1s``, ``5w5s`` or ``20w1s`` and
