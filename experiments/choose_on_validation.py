@@ -11,7 +11,9 @@ the choice: read the test metric at the chosen number of steps::
     .venv/bin/python experiments/choose_on_validation.py runs/translate_8_pretrain \\
         --metric bits_per_byte --rates 0.01 0.03 0.1 0.3 1.0 --set eval.inner_steps=20
 
-Writes WORKDIR/validation/step<N>[_lr<R>].json and WORKDIR/validation/choice.json.
+Writes WORKDIR/validation/step<N>[_lr<R>].json and WORKDIR/validation/choice.json; with
+``--name NAME`` (e.g. the same run on 5-shot tasks, ``--set task.shots=5``),
+WORKDIR/validation_NAME/ and WORKDIR/eval_NAME.json instead.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from _shared_data import use_shared_data
 
 from metajax.run.checkpoint import Checkpointer
-from metajax.run.loop import evaluate_workdir
+from metajax.run.evaluate import evaluate_workdir
 from metajax.run.workdir import read_config
 
 LOWER_IS_BETTER = ("loss", "bits_per_byte", "mse")
@@ -50,8 +52,14 @@ def main():
         metavar="KEY=VALUE",
         help="evaluation settings for validation and test, e.g. eval.inner_steps=20",
     )
+    parser.add_argument(
+        "--name",
+        default="",
+        help="a name for this choice (e.g. 5shot): writes validation_NAME/ and eval_NAME.json",
+    )
     args = parser.parse_args()
-    folder = args.workdir / "validation"
+    suffix = f"_{args.name}" if args.name else ""
+    folder = args.workdir / f"validation{suffix}"
     folder.mkdir(exist_ok=True)
     ckpt = Checkpointer(args.workdir / "checkpoints", create=False)
     steps = args.steps or ckpt.all_steps()
@@ -76,7 +84,7 @@ def main():
     choice = {"metric": args.metric, "validation_tasks": args.tasks, "best": best, "all": scores}
     (folder / "choice.json").write_text(json.dumps(choice, indent=1) + "\n")
     print(f"chosen on validation: {best}", flush=True)
-    test = args.workdir / "eval.json"
+    test = args.workdir / f"eval{suffix}.json"
     if best["rate"] is None and test.is_file() and not args.sets:
         done = json.loads(test.read_text())
         trained_rate = read_config(args.workdir).algorithm.inner_lr
@@ -87,7 +95,7 @@ def main():
             print(f"{test} is already the test evaluation of step {best['step']}")
             return
     rate_set = [] if best["rate"] is None else [f"algorithm.inner_lr={best['rate']}"]
-    evaluate_workdir(args.workdir, [*args.sets, *rate_set], step=best["step"])
+    evaluate_workdir(args.workdir, [*args.sets, *rate_set], step=best["step"], output=test)
 
 
 if __name__ == "__main__":

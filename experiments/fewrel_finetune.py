@@ -3,16 +3,16 @@
 No meta-learning: the LoRA factors of the trainable blocks and one linear head over all the
 meta-training relations (20 in the cross-domain protocol) are trained by plain minibatch
 cross-entropy on every sentence of those relations (Adam, the meta-learners' encoder, trunk
-and pooling: ``fewrel:5w1s_maml`` with the pretrained settings of ``--set``). The
+and pooling: those of ``--config``, default ``fewrel:smollm2_5w1s_maml``). The
 relation head is then dropped, and each test task is adapted exactly as the meta-learned
 rows are: a zero 5-way head and the factors, SGD on the support sentences, accuracy on the
-query after 0 to 10 steps (``metajax.evaluate``, the runner's evaluation); and, with no
+query after 0 to 5 steps (``metajax.evaluate``, the runner's evaluation); and, with no
 steps at all, nearest prototypes of the fine-tuned features. The inner rate and the
-number of steps are chosen on the validation relations (200 tasks), then the test tasks
+number of steps are chosen on the validation relations (100 tasks), then the test tasks
 (600) are evaluated once::
 
     .venv/bin/python experiments/fewrel_finetune.py --workdir runs/sm_finetune \\
-        --set task.model=smollm2-135m task.trainable_blocks=2 task.max_len=64 task.pool=end
+        --shots 1 5 --steps 300 --rates 0.01 0.03
 
 Writes WORKDIR/params.pkl (resumed from WORKDIR/progress.pkl after an interruption) and
 WORKDIR/eval_<setting>.json for each ``--shots`` given.
@@ -31,13 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _shared_data import use_shared_data
 
 import metajax as mj
 from metajax.run.build import build
 from metajax.run.config_files import load_config
 from metajax.tasks import fewrel
 
-VALIDATION_TASKS, TEST_TASKS, EVAL_STEPS = 200, 600, 10
+VALIDATION_TASKS, TEST_TASKS, EVAL_STEPS = 100, 600, 5
 
 
 def relation_sentences(config) -> tuple[list, np.ndarray]:
@@ -66,7 +67,7 @@ def fine_tune(experiment, sentences, labels, args, workdir: Path):
     embed = setup.embedding.apply_fn
     num_classes = int(labels.max()) + 1
     width = jax.eval_shape(
-        lambda p, x: embed(p, x), setup.embedding.params, setup.inputs_fn(sentences[:1])
+        lambda p, x: embed(p, x), setup.embedding.params, setup.evaluator.inputs_fn(sentences[:1])
     ).shape[-1]
     params = {
         "model": setup.embedding.params["model"],
@@ -98,7 +99,7 @@ def fine_tune(experiment, sentences, labels, args, workdir: Path):
     started, losses = time.time(), []
     for i in range(first, args.steps):
         idx = order[i * args.batch : (i + 1) * args.batch]
-        x = setup.inputs_fn([sentences[j] for j in idx])
+        x = setup.evaluator.inputs_fn([sentences[j] for j in idx])
         params, opt, loss = step(params, opt, x, labels[idx])
         losses.append(float(loss))
         if (i + 1) % 50 == 0 or i + 1 == args.steps:
@@ -153,7 +154,7 @@ def evaluate(experiment, embedding_params, split: str, shots: int, rate: float, 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--config", default="fewrel:5w1s_maml")
+    parser.add_argument("--config", default="fewrel:smollm2_5w1s_maml")
     parser.add_argument("--set", dest="sets", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--steps", type=int, default=1000, help="fine-tuning minibatches")
     parser.add_argument("--batch", type=int, default=32, help="sentences per minibatch")
@@ -161,6 +162,7 @@ def main():
     parser.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3])
     parser.add_argument("--shots", type=int, nargs="+", default=[1])
     args = parser.parse_args()
+    use_shared_data()
     if args.steps < 1 or args.batch < 1 or not args.lr > 0:
         parser.error("--steps and --batch must be >= 1 and --lr positive.")
     experiment = build(load_config(args.config, args.sets))

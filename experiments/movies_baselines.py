@@ -123,8 +123,8 @@ def baselines(spec: str, overrides=()) -> dict:
 def _run_per_task(workdir: Path) -> tuple[dict[str, np.ndarray], object, dict]:
     """A run's per-task test metrics at the checkpoint, rate and number of steps chosen on
     validation (``WORKDIR/validation/choice.json``), its eval source and that choice."""
+    from metajax.run.checkpoint import restore_checkpoint
     from metajax.run.config import apply_overrides
-    from metajax.run.loop import restore_checkpoint
     from metajax.run.workdir import read_config
     from metajax.train import evaluate
 

@@ -9,6 +9,7 @@ mean over tasks then spans devices, and XLA inserts the all-reduce.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -220,6 +221,8 @@ def evaluate(
     steps: int = 10,
     chunk: int = 100,
     vmap_tasks: bool = True,
+    score_fn: Callable[[Params, Any], dict[str, float]] | None = None,
+    score_steps: Sequence[int] = (),
 ) -> dict[str, np.ndarray]:
     """Query metrics of held-out tasks after 0, 1, ..., ``steps`` adaptation steps.
 
@@ -231,43 +234,85 @@ def evaluate(
     process's default device (parameters are fetched to the host first), so it
     needs no collectives.
 
+    Each task is adapted once: ``score_fn`` scores the parameters of the same adaptation
+    that the jitted metrics come from. Scored tasks run one after another whatever
+    ``vmap_tasks`` says, each scored before the next adapts: a vmapped chunk would hold
+    a copy of the model per task and scored step.
+
+    Args:
+      score_fn: ``score_fn(adapted, query_batch) -> {name: float}``, run on the host, for
+        scores that cannot be jitted (chrF of decoded text); None: none.
+      score_steps: the step counts ``score_fn`` scores (``()``: every one); its entries
+        are NaN at the others.
+
     Returns:
       ``{name: array (num_tasks, steps + 1)}``: the query ``loss`` and every
-      ``metric_fn`` entry of each task after each number of steps.
+      ``metric_fn`` and ``score_fn`` entry of each task after each number of steps.
     """
     chunk = max(1, min(chunk, num_tasks))
-    one_task = _eval_task_fn(algo, loss_fn, metric_fn, steps)
-    run = jax.jit(jax.vmap(one_task, in_axes=(None, 0)) if vmap_tasks else one_task)
+    scored = () if score_fn is None else _scored_steps(score_steps, steps)
+    one_task = _eval_task_fn(algo, loss_fn, metric_fn, steps, scored)
+    batched = vmap_tasks and not scored
+    run = jax.jit(jax.vmap(one_task, in_axes=(None, 0)) if batched else one_task)
     # Via the host (sharded parameters land on this process's device), once, not per task.
     params = jax.device_put(jax.device_get(meta_params))
     parts = []
     for first in range(0, num_tasks, chunk):
         tasks = source.sample(0, min(chunk, num_tasks - first), first)
-        if vmap_tasks:
+        if batched:
             parts.append(jax.device_get(run(params, tasks)))
             continue
         tasks = jax.device_get(tasks)  # slice on the host, not one device op per leaf
-        per_task = jax.device_get(
-            [
-                run(params, jax.tree.map(lambda x, i=i: x[i], tasks))
-                for i in range(jax.tree.leaves(tasks)[0].shape[0])
-            ]
-        )
-        parts.append(jax.tree.map(lambda *xs: np.stack(xs), *per_task))
+        rows = []
+        for i in range(jax.tree.leaves(tasks)[0].shape[0]):
+            task = jax.tree.map(lambda x, i=i: x[i], tasks)
+            row = run(params, task)
+            if scored:
+                metrics, adapted = row
+                scores = _scores(score_fn, adapted, task.query, scored, steps)
+                row = dict(jax.device_get(metrics), **scores)
+            rows.append(row)
+        names = list(rows[0])  # the scores after the metrics (device_get sorts the keys)
+        rows = jax.device_get(rows)
+        parts.append({k: np.stack([row[k] for row in rows]) for k in names})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _eval_task_fn(algo, loss_fn, metric_fn, steps):
+def _scored_steps(score_steps: Sequence[int], steps: int) -> tuple[int, ...]:
+    scored = tuple(sorted(set(score_steps))) or tuple(range(steps + 1))
+    if not 0 <= scored[0] <= scored[-1] <= steps:
+        raise ValueError(f"score_steps={tuple(score_steps)}: each must be in 0..steps={steps}.")
+    return scored
+
+
+def _eval_task_fn(algo, loss_fn, metric_fn, steps, scored):
     def one_task(meta_params, task):
         def trace_fn(params):
             out = {"loss": loss_fn(params, task.query)}
             if metric_fn is not None:
                 out.update(metric_fn(params, task.query))
-            return out
+            return (out, params) if scored else out
 
-        return algo.adapt_trace(meta_params, task.support, trace_fn, steps=steps)[1]
+        trace = algo.adapt_trace(meta_params, task.support, trace_fn, steps=steps)[1]
+        if not scored:
+            return trace
+        metrics, params = trace
+        return metrics, jax.tree.map(lambda x: x[np.asarray(scored)], params)
 
     return one_task
+
+
+def _scores(score_fn, adapted, query, scored, steps) -> dict[str, np.ndarray]:
+    """``score_fn`` after each step count of ``scored`` (``adapted`` stacks the parameters
+    of each), as float64 rows over 0..``steps``, NaN where not scored."""
+    by_step = {
+        k: score_fn(jax.tree.map(lambda x, j=j: x[j], adapted), query) for j, k in enumerate(scored)
+    }
+    rows = {name: np.full(steps + 1, np.nan) for name in by_step[scored[0]]}
+    for k, scores in by_step.items():
+        for name, value in scores.items():
+            rows[name][k] = value
+    return rows
 
 
 def summarize(per_task: dict[str, np.ndarray]) -> dict[str, dict[str, list[float]]]:

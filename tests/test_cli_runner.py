@@ -170,6 +170,27 @@ def _toy_setup():
     return Setup(mlp_init(jax.random.key(0)), mse_loss, None, None, None, None)
 
 
+def test_algorithm_table_declares_the_settings_each_function_takes():
+    import inspect
+
+    settings = {f.name for f in dataclasses.fields(experiment.AlgorithmConfig)}
+    for name, spec in experiment.ALGORITHMS.items():
+        keywords = set(inspect.signature(spec.fn).parameters)
+        assert set(spec.takes) | set(spec.fixed) == keywords & settings, name
+        assert spec.masks == ("mask" in keywords) and "metric_fn" in keywords, name
+    # What the table says is what a config may set: imaml has no remat, reptile alone takes
+    # inner_batch, protonets has no inner loop.
+    refused = [
+        ("imaml", "remat", True, "imaml takes no 'remat'"),
+        ("maml", "inner_batch", 4, "maml takes no 'inner_batch'"),
+        ("protonets", "inner_steps", 3, "protonets takes no 'inner_steps'"),
+    ]
+    for name, field, value, message in refused:
+        cfg = experiment.AlgorithmConfig(name=name, **{field: value})
+        with pytest.raises(ConfigError, match=message):
+            experiment.make_algorithm(cfg, _toy_setup())
+
+
 def test_inner_optimizer_and_outer_schedule_from_config():
     base = experiment.AlgorithmConfig(
         name="reptile",

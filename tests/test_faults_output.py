@@ -10,6 +10,7 @@ from metajax.run import cli, logs, plots
 from metajax.run import loop as runner
 from metajax.run.config import ConfigError, to_dict
 from metajax.run.config_files import load_config
+from metajax.run.evaluate import evaluate_workdir
 
 
 def test_logged_rates_cover_whole_log_intervals(tmp_path, monkeypatch):
@@ -38,7 +39,7 @@ def test_table_steps_past_the_evaluated_steps_are_a_config_error(tmp_path, capsy
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps(to_dict(load_config("sinusoid:tiny"))))
     with pytest.raises(ConfigError, match="eval.table_steps=\\(0, 1, 2\\): 2 is outside"):
-        runner.evaluate_workdir(workdir, ["eval.inner_steps=1"])
+        evaluate_workdir(workdir, ["eval.inner_steps=1"])
 
 
 def test_the_table_names_the_evaluated_split(tmp_path):

@@ -226,6 +226,24 @@ def test_cli_tiny_trains_evaluates_and_predicts(tmp_path):
         model.adapt(support, [0, 1, 3])
 
 
+@needs_data("fewrel")
+@pytest.mark.parametrize("algo", ["maml", "protonets"])
+def test_cli_smollm2_tiny_variants_train_on_the_tiny_llama(tmp_path, algo):
+    # The SmolLM2 configs' settings (frozen trunk, LoRA, end-marker pooling) on the committed
+    # random tiny Llama GGUF.
+    workdir = tmp_path / algo
+    argv = ["train", f"fewrel:smollm2_tiny_{algo}", "--workdir", str(workdir), "--no-progress"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    if algo == "maml":  # the zero head: every class equally likely before the inner step
+        assert rows[0]["loss_before"] == pytest.approx(math.log(3), abs=1e-5)
+    result = json.loads((workdir / "eval.json").read_text())
+    assert result["adaptation_steps"] == ([0, 1, 2] if algo == "maml" else [0])
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["task"]["trainable_blocks"] == 1 and config["task"]["pool"] == "end"
+
+
 @pytest.mark.parametrize(
     ("task", "message"),
     [

@@ -125,7 +125,7 @@ def test_prediction_with_a_trunk_equals_the_whole_model(tmp_path):
         model = FewShotModel(exp, exp.algo.init(exp.params), 0)
         # b = 0: both meta-parameters are the pretrained GPT-2 with a zero head, so the
         # pooled features agree, and one adaptation step moves the head the same way.
-        inputs = exp.setup.inputs_fn(support)
+        inputs = exp.evaluator.inputs_fn(support)
         outputs.append(
             (
                 np.asarray(exp.setup.embedding.apply_fn(exp.setup.embedding.params, inputs)),
@@ -156,6 +156,29 @@ def test_cache_computes_each_sequence_once_and_keys_by_blocks(trunk_cache):
         assert other.folder != cache.folder
         other.hidden(tokens)
         assert other.computed == 3
+
+
+def test_missing_rows_pad_to_a_power_of_two_and_stored_states_are_found():
+    model, params = load_gpt2(FIXTURE)
+    cache = TrunkCache(model, params, 1, "digest-pad")
+    shapes = []
+    trunk = cache._trunk
+    cache._trunk = lambda p, t: shapes.append(t.shape[0]) or trunk(p, t)
+    tokens = np.arange(3 * 4, dtype=np.int32).reshape(3, 4) % 50
+    hidden = cache.hidden(tokens)
+    # 3 missing rows run as 4, not as a whole batch of 32.
+    assert shapes == [4] and cache.computed == 3
+    want = model.apply(params, tokens, blocks=1, method="trunk")
+    np.testing.assert_allclose(hidden, want, rtol=1e-6, atol=1e-6)
+    # States stored from elsewhere are read back as they were, never recomputed.
+    other = TrunkCache(model, params, 1, "digest-pad")
+    new = np.full((2, 4), 7, np.int32) + np.arange(2)[:, None]
+    states = np.random.default_rng(0).normal(size=(2, 4, 32)).astype(np.float32)
+    other.store(new, states)
+    np.testing.assert_array_equal(other.hidden(new), states)
+    assert other.computed == 0
+    with pytest.raises(ValueError, match="do not match"):
+        other.store(new, states[:1])
 
 
 _SECOND_RUN = """

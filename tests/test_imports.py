@@ -77,3 +77,14 @@ def test_every_third_party_import_is_a_dependency_or_in_an_extra():
 
 def test_the_config_schema_is_a_leaf():
     assert not [n for n in _imports(PACKAGE / "run" / "config.py") if n.startswith("metajax")]
+
+
+def test_loading_and_evaluating_a_workdir_imports_no_train_loop():
+    code = (
+        "import sys; import metajax.run.predict, metajax.run.evaluate; "
+        "print('metajax.run.loop' in sys.modules, 'metajax.run.dispatch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "False False"

@@ -32,7 +32,7 @@ def test_adapt_and_predict_equals_adapting_by_hand(sinusoid_run):
     xq = np.linspace(-5, 5, 7, dtype=np.float32)[:, None]
 
     exp_algo = model._exp.algo
-    apply = model._exp.setup.predict_fn
+    apply = model._exp.evaluator.predict_fn
     for steps in (0, 1, 3):
         got = model.adapt_and_predict(x, y, xq, steps=steps)
         adapted = exp_algo.adapt(model.meta_params, (x, y), steps=steps)

@@ -294,7 +294,7 @@ def test_family_builds_from_files_and_names_bad_settings(tmp_path):
     from metajax.run.config import Config, ConfigError
 
     s = toy_files(tmp_path)
-    task = fam.TaskConfig(
+    task = fam.FewRelTask(
         protocol="files",
         train_files=s.train_files,
         val_files=s.val_files,
@@ -312,10 +312,11 @@ def test_family_builds_from_files_and_names_bad_settings(tmp_path):
     assert setup.eval_source.relations() == ("P6", "P7")
     assert setup.params["params"]["head"]["kernel"].shape == (16, 2)
     assert setup.embedding.params["params"].keys() == {"trunk"} and setup.embedding.ways == 2
-    (tokens, pos), labels = setup.batch_fn([sentence(["p1", "of", "x"], [0], [2])], [1])
+    batch_fn = setup.evaluator.batch_fn
+    (tokens, pos), labels = batch_fn([sentence(["p1", "of", "x"], [0], [2])], [1])
     assert tokens.shape == (1, 12) and pos.tolist() == [[0, 4]] and labels.tolist() == [1]
     with pytest.raises(ValueError, match=r"labels must lie in 0..1, got \[0, 2\]"):
-        setup.batch_fn([sentence(["a"], [0], [0])] * 2, [0, 2])
+        batch_fn([sentence(["a"], [0], [0])] * 2, [0, 2])
     bad = {"ways": 4, "tokenizer": "bpe", "eval_split": "train", "protocol": "web"}
     messages = {
         "ways": "ways=4 but the train split has 3 relations",

@@ -1,5 +1,6 @@
 """Few-shot translation from CLDR names: pairs, split, encoding, sampling, decoding, metrics."""
 
+import collections
 import dataclasses
 import functools
 
@@ -21,8 +22,8 @@ from metajax.models.decoding import (  # noqa: E402
     greedy_decode_cached,
     lm_decoder,
 )
+from metajax.models.metrics import chrf, exact_match, text_scores  # noqa: E402
 from metajax.tasks import translate as T  # noqa: E402
-from metajax.tasks.words import bits_per_byte  # noqa: E402
 
 
 def test_known_pairs_and_dropped_identical_names():
@@ -50,30 +51,73 @@ def test_known_pairs_and_dropped_identical_names():
         T.load_pairs("xx")
 
 
-def test_split_holds_out_families_and_scripts():
-    # The rule, not one CLDR release's lists: pyproject accepts any babel >= 2.14.
-    split = T.language_split()
-    train, val, test = (set(split[s]) for s in ("train", "validation", "test"))
+def test_groups_hold_out_families_and_follow_their_script_rules():
+    # The rules, not one CLDR release's lists: pyproject accepts any babel >= 2.14.
+    groups = T.language_groups()
+    train = set(groups["train"])
+    heldout = {g: set(groups[g]) for g in T.HELDOUT_FAMILIES}
     unused = set(T.unused_heldout_languages())
     usable = set(T._usable_languages())
     # A partition of the usable languages (a family, MIN_PAIRS pairs, names of their own).
-    assert train | val | test | unused == usable
-    assert not (train & test) and not (train & val) and not (val & test) and not unused & train
+    parts = [train, unused, *heldout.values()]
+    assert set().union(*parts) == usable and sum(map(len, parts)) == len(usable)
     assert all(len(T.load_pairs(x, T.KINDS)) >= T.MIN_PAIRS for x in usable)
-    # Held out by family: every language of a held-out family is outside training...
+    # Held out by family: no training language belongs to a held-out family, and each group
+    # is made of its own families' languages only.
+    train_families = {T.family(x) for x in train}
     for name, fams in T.HELDOUT_FAMILIES.items():
-        members = {x for x in usable if T.family(x) in fams}
-        assert members <= set(split[name]) | unused
-        assert {T.family(x) for x in split[name]} <= set(fams)
-    # ...and kept only when no training language shares one of its scripts.
+        assert not set(fams) & train_families
+        assert {T.family(x) for x in heldout[name]} <= set(fams)
+        assert {x for x in usable if T.family(x) in fams} <= heldout[name] | unused
+    # Scripts: new_script and validation share none with training; latin is Latin alone.
     train_scripts = {c for x in train for c in T.scripts(x)}
-    assert all(not set(T.scripts(x)) & train_scripts for x in val | test)
-    assert all(set(T.scripts(x)) & train_scripts for x in unused)
-    # Languages whose family and script no CLDR release will move.
-    assert {"ko", "th", "ta", "kn"} <= test and {"el", "ka", "hy"} <= val
-    assert {"fi", "de", "zh", "ar", "sw"} <= train and len(train) > 150
+    assert "LATIN" in train_scripts
+    for x in heldout["new_script"] | heldout["validation"]:
+        assert not set(T.scripts(x)) & train_scripts, x
+    assert all(T.scripts(x) == ("LATIN",) for x in heldout["latin"])
+    # Every group language has enough names for K = 32 tasks to vary; unused ones broke a rule.
+    for x in set().union(*heldout.values()):
+        assert len(T.load_pairs(x, T.KINDS)) >= T.MIN_HELDOUT_PAIRS
+        assert sum(T.fits(p, 64) for p in T.load_pairs(x)) >= 4 * (32 + 16), x
+    for x in unused:
+        group = next(g for g, fams in T.HELDOUT_FAMILIES.items() if T.family(x) in fams)
+        script_ok = (
+            T.scripts(x) == ("LATIN",)
+            if group == "latin"
+            else not set(T.scripts(x)) & train_scripts
+        )
+        assert not script_ok or len(T.load_pairs(x, T.KINDS)) < T.MIN_HELDOUT_PAIRS, x
+    # The Latin group spans several families, none with a majority of its languages.
+    latin_families = collections.Counter(T.family(x) for x in heldout["latin"])
+    assert len(latin_families) >= 6 and max(latin_families.values()) < len(heldout["latin"]) / 2
+    # Languages whose family, script and size no CLDR release will move.
+    assert {"ko", "th", "ta", "kn"} <= heldout["new_script"]
+    assert {"el", "ka", "hy"} <= heldout["validation"]
+    assert {"vi", "tr", "fi", "hu", "id", "sw", "zu", "yo", "eu"} <= heldout["latin"]
+    assert {"de", "fr", "ru", "zh", "ar", "hi", "ja"} <= train and len(train) > 100
+    assert {"km", "kk", "ug"} <= unused  # held-out families in a script of their own
     assert "no" not in train and "nb" in train  # "no" duplicates "nb"
     assert not set(T.EXTRA_FAMILIES) & set(T.lang_lib.FAMILIES)
+    # language_split names one test group "test".
+    for group in T.TEST_GROUPS:
+        split = T.language_split(group)
+        assert split["test"] == groups[group] and split["train"] == groups["train"]
+    with pytest.raises(ValueError, match="test_group='cyrillic'"):
+        T.language_split("cyrillic")
+    with pytest.raises(ValueError, match="choose one of new_script, latin"):
+        T.Translate("test", test_group="cyrillic")
+
+
+def test_test_groups_draw_the_same_numbers_from_their_own_languages():
+    kw = dict(shots=4, queries=3, seed=1, max_len=48)
+    latin = T.Translate("test", test_group="latin", **kw)
+    new_script = T.Translate("test", **kw)
+    assert new_script.test_group == "new_script"
+    assert set(latin.sample_languages(0, 20)) <= set(T.language_groups()["latin"])
+    assert set(new_script.sample_languages(0, 20)) <= set(T.language_groups()["new_script"])
+    # Validation ignores the group.
+    val = [T.Translate("validation", test_group=g, **kw).sample(0, 3) for g in T.TEST_GROUPS]
+    np.testing.assert_array_equal(val[0].query[0], val[1].query[0])
 
 
 def test_encoding_masks_exactly_target_bytes_and_end():
@@ -202,23 +246,23 @@ def test_cached_decoding_gives_the_same_tokens_as_full_passes():
     assert (np.asarray(full)[2] != T.PAD).sum() == 14 - 12  # "BOS quite long SEP" is 12
 
 
-def test_chrf_and_metrics_function():
-    assert T.chrf(["Saksa", "Ruotsi"], ["Saksa", "Ruotsi"]) == pytest.approx(100.0)
-    assert T.chrf(["abcd"], ["wxyz"]) < 1.0
+def test_chrf_exact_match_and_translation_scores():
+    family = pytest.importorskip("metajax.run.families.translate")
+    assert chrf(["Saksa", "Ruotsi"], ["Saksa", "Ruotsi"]) == pytest.approx(100.0)
+    assert chrf(["abcd"], ["wxyz"]) < 1.0
+    assert exact_match(["a", "b", "c", "d"], ["a", "x", "c", "y"]) == 0.5
     with pytest.raises(ValueError, match="references"):
-        T.chrf(["a"], [])
+        chrf(["a"], [])
     # A model that always answers "hi": exact on the "hi" query, chrF strictly between.
     primary = np.full(T.VOCAB_SIZE, ord("x"), np.int32)
     primary[T.SEP], primary[ord("h")], primary[ord("i")] = ord("h"), ord("i"), T.END
     apply_fn = _table_apply(jnp.asarray(primary), jnp.asarray(primary))
     batch = T.encode_pairs([("a", "hi"), ("b", "ho")], max_len=8)
-    scores = T.translation_metrics(apply_fn, decode_steps=4)(jnp.float32(1.0), batch)
+    predict = lambda params, inputs: T.greedy_translate(apply_fn, params, *inputs, steps=4)
+    split = lambda query: T.split_sequences(query[0])
+    scores = family.translation_scores(predict, split, T.to_strings)(jnp.float32(1.0), batch)
     assert scores["exact_match"] == 0.5
-    assert 0.0 < scores["chrf"] < 100.0
-    expected = bits_per_byte(apply_fn(1.0, batch[0]), *batch)
-    assert scores["bits_per_byte"] == pytest.approx(float(expected))
-    without = T.translation_metrics(apply_fn, decode_steps=4, with_bits=False)(1.0, batch)
-    assert without == {"chrf": scores["chrf"], "exact_match": scores["exact_match"]}
+    assert scores["chrf"] == chrf(["hi", "hi"], ["hi", "ho"]) and 0.0 < scores["chrf"] < 100.0
 
 
 def test_maml_meta_grad_on_sampled_tasks_is_finite():
@@ -253,21 +297,29 @@ def test_family_module_builds_and_translates_user_data():
         shots=2, queries=2, max_len=32, width=16, depth=1, heads=2, mlp_width=32, decode_len=6
     )
     setup = family.build(Config(name="t", family="translate", task=task))
-    tokens, mask = setup.batch_fn([("Germany", "Saksa"), ("Sweden", "Ruotsi")], None)
+    evaluator = setup.evaluator
+    tokens, mask = evaluator.batch_fn([("Germany", "Saksa"), ("Sweden", "Ruotsi")], None)
     assert tokens.shape == (2, 32) and float(mask.sum()) == 6 + 7
-    assert float(jax.jit(setup.loss_fn)(setup.params, (tokens, mask))) == pytest.approx(
-        np.log(T.VOCAB_SIZE), rel=0.05
-    )
-    prompts, lengths = setup.inputs_fn(["France", "Japan"])
+    loss = float(jax.jit(setup.loss_fn)(setup.params, (tokens, mask)))
+    assert loss == pytest.approx(np.log(T.VOCAB_SIZE), rel=0.05)
+    # Bits per byte: the same 13 targets' information over the 11 bytes (END is no byte).
+    bits = setup.metric_fn(setup.params, (tokens, mask))["bits_per_byte"]
+    assert float(bits) == pytest.approx(loss * 13 / (np.log(2) * 11), rel=1e-5)
+    prompts, lengths = evaluator.inputs_fn(["France", "Japan"])
     assert lengths.tolist() == [8, 7]
-    out = jax.jit(setup.predict_fn)(setup.params, (prompts, lengths))
+    out = jax.jit(evaluator.predict_fn)(setup.params, (prompts, lengths))
     assert out.shape == (2, 6) and not np.isin(np.asarray(out), [T.BOS, T.SEP]).any()
     # predict_fn is greedy decoding of this model: its first token is the argmax at SEP.
     logits = jax.jit(TransformerLM(family.transformer_config(task)).apply)(setup.params, prompts)
     at_sep = np.asarray(logits)[np.arange(2), np.asarray(lengths) - 1]
     at_sep[:, [T.PAD, T.BOS, T.SEP]] = -np.inf
     np.testing.assert_array_equal(np.asarray(out)[:, 0], at_sep.argmax(-1))
-    assert setup.outputs_fn(out) == T.to_strings(out) and len(setup.outputs_fn(out)) == 2
+    assert evaluator.outputs_fn(out) == T.to_strings(out) and len(evaluator.outputs_fn(out)) == 2
+    # The host scores: chrF and exact match of the greedy translations of the sources.
+    support_prompts, support_lengths, references = T.split_sequences(tokens)
+    translated = evaluator.predict_fn(setup.params, (support_prompts, support_lengths))
+    expected = text_scores(T.to_strings(translated), references)
+    assert evaluator.score_fn(setup.params, (tokens, mask)) == expected
     assert setup.eval_source.split == "test" and setup.train_source.shots == 2
     with pytest.raises(ConfigError, match="task.decode_len=30"):
         family.build(
@@ -275,3 +327,23 @@ def test_family_module_builds_and_translates_user_data():
         )
     with pytest.raises(ConfigError, match="task.kinds"):
         family.check(dataclasses.replace(task, kinds=("countries",)))
+
+
+def test_family_evaluates_either_test_group():
+    family = pytest.importorskip("metajax.run.families.translate")
+    from metajax.run import families
+    from metajax.run.config import Config, ConfigError
+    from metajax.run.evaluate import eval_config
+
+    task = family.TaskConfig(shots=2, queries=2, max_len=32, width=16, depth=1, decode_len=6)
+    trained = Config(name="t", family="translate", task=task)
+    assert family.build(trained).eval_source.test_group == "new_script"
+    # `metajax eval --set task.test_group=latin` on a trained run: the same model, the
+    # Latin-script test languages.
+    latin = eval_config(trained, ["task.test_group=latin"], families.load("translate").eval_keys)
+    source = family.build(latin).eval_source
+    assert source.split == "test" and set(source.split_languages()) == set(
+        T.language_groups()["latin"]
+    )
+    with pytest.raises(ConfigError, match="task.test_group='cyrillic': choose new_script or latin"):
+        family.check(dataclasses.replace(task, test_group="cyrillic"))

@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("wordfreq")
 
+from metajax.models.losses import bits_per_byte_metric, next_token_loss  # noqa: E402
 from metajax.tasks import languages as lang_lib  # noqa: E402
 from metajax.tasks import words as W  # noqa: E402
 
@@ -112,15 +113,18 @@ def test_determinism_and_first_task_split(cls):
     assert leaves_equal(whole, joined)
 
 
-def test_losses_and_bits_per_byte():
+def test_losses_and_bits_per_byte_of_byte_tokens():
     tokens = jnp.asarray(W.encode(["abc", "d"], max_len=6))
-    mask = jnp.asarray(W.target_mask(np.asarray(tokens)))
+    batch = (tokens, jnp.asarray(W.target_mask(np.asarray(tokens))))
+    # A "model" whose parameters are the logits of every position.
+    table = lambda logits, inputs: logits[:, : inputs.shape[1]]
+    loss, bpb = next_token_loss(table), bits_per_byte_metric(table)
     uniform = jnp.zeros((2, 6, W.VOCAB_SIZE))
-    assert jnp.allclose(W.next_token_nll(uniform, tokens, mask), math.log(W.VOCAB_SIZE))
+    assert jnp.allclose(loss(uniform, batch), math.log(W.VOCAB_SIZE))
     # 6 targets (4 + 2 with EOS) over 4 bytes.
     expected = 6 * math.log2(W.VOCAB_SIZE) / 4
-    assert jnp.allclose(W.bits_per_byte(uniform, tokens, mask), expected, rtol=1e-6)
+    assert jnp.allclose(bpb(uniform, batch)["bits_per_byte"], expected, rtol=1e-6)
     # Logits that put all mass on the next token: zero loss (so the shift is the right one).
     perfect = jax.nn.one_hot(jnp.roll(tokens, -1, axis=1), W.VOCAB_SIZE) * 50.0
-    assert W.next_token_nll(perfect, tokens, mask) < 1e-6
-    assert W.bits_per_byte(jax.nn.one_hot(tokens, W.VOCAB_SIZE) * 50.0, tokens, mask) > 10
+    assert loss(perfect, batch) < 1e-6
+    assert bpb(jax.nn.one_hot(tokens, W.VOCAB_SIZE) * 50.0, batch)["bits_per_byte"] > 10

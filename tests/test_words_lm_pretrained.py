@@ -86,7 +86,7 @@ def test_tiny_fomaml_with_a_frozen_trunk_trains_the_top_and_predicts(tmp_path, t
     gpt2, pretrained = load_gpt2(FIXTURE)
     lora = LoRA(rank=2, alpha=4.0, targets=r"(c_attn|c_proj|c_fc)/kernel")
     top = lora.merge(jax.tree.map(np.asarray, model.meta_params))["params"]
-    tokens, _ = model._exp.setup.batch_fn(["kirja"])[0]  # (tokens, trunk states)
+    tokens, _ = model._exp.evaluator.batch_fn(["kirja"])[0]  # (tokens, trunk states)
     want = gpt2.apply({"params": {**pretrained["params"], **top}}, tokens)
     unadapted = model.adapt_and_predict(["kala"], None, ["kirja"], steps=0)
     np.testing.assert_allclose(unadapted, want, rtol=1e-5, atol=1e-5)
@@ -94,7 +94,7 @@ def test_tiny_fomaml_with_a_frozen_trunk_trains_the_top_and_predicts(tmp_path, t
 
 def test_sequences_are_end_word_end_with_a_target_mask():
     setup = words_lm.build(load_config("words_lm:gpt2_tiny"))
-    tokens, mask = setup.batch_fn(["kala", "talo"])
+    tokens, mask = setup.evaluator.batch_fn(["kala", "talo"])
     assert tokens.shape == mask.shape == (2, 12)
     # <|endoftext|> (id 0) opens and closes the word and pads; the word and its end are targets.
     length = int(mask[0].sum())

@@ -198,17 +198,14 @@ def _smollm2(variant: str) -> Config:
             table_steps=(0, 1, 2) if eval_steps else (0,),
         )
     else:
-        train = TrainConfig(
-            steps=1000 if algo == "protonets" else 600,
-            meta_batch=4,
-            log_every=25,
-            checkpoint_every=200 if algo != "protonets" else 250,
-        )
+        # CPU-sized: a meta-step of the top 2 blocks on 4 tasks of 30 sentences is about 1 s
+        # (ProtoNets) to 3 s (second-order MAML) on 2 cores.
+        train = TrainConfig(steps=200, meta_batch=4, log_every=25, checkpoint_every=100)
         evaluation = EvalConfig(
             num_tasks=600,
-            inner_steps=eval_steps,
+            inner_steps=min(eval_steps, 5),
             chunk=20,
-            table_steps=(0, 1, 2, 5, 10) if eval_steps else (0,),
+            table_steps=(0, 1, 2, 5) if eval_steps else (0,),
         )
     return Config(
         name=f"fewrel_{variant}",

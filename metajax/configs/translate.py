@@ -9,8 +9,7 @@ group, Latin-script languages of families never seen in meta-training (Turkic, U
 Austronesian, Niger-Congo, ...: vi, tr, fi, sw, ...), and ``--set task.eval_split=validation``
 the validation languages (chr, el, hy, ka), for choosing checkpoints and rates. The
 runner's evaluation reports the query bits per target byte after 0..``eval.inner_steps``
-steps; ``metajax.tasks.translate.translation_metrics`` adds greedy-decoded chrF and exact
-match.
+steps, and the chrF and exact match of greedy translations (the family's host-side scores).
 
 Variants ``<k>_<algo>``: k = 8 or 32 support pairs; algo = ``maml`` (second order),
 ``fomaml``, ``reptile`` or ``pretrain`` (the multilingual baseline: one model trained on all

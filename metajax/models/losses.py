@@ -99,7 +99,7 @@ def bits_per_token(apply_fn: ApplyFn):
 
     Bits per predicted token, end-of-sequence tokens included. For bits per UTF-8 byte of a
     byte-level model (the end token's information over byte targets only) see
-    :func:`metajax.tasks.words.bits_per_byte`.
+    :func:`bits_per_byte_metric`.
     """
     nats = next_token_loss(apply_fn)
     return lambda params, batch: nats(params, batch) / math.log(2.0)
@@ -119,5 +119,21 @@ def next_token_metrics(apply_fn: ApplyFn):
             "bits_per_token": _weighted_mean(ce, weights) / math.log(2.0),
             "accuracy": _weighted_mean(correct, weights),
         }
+
+    return metric_fn
+
+
+def bits_per_byte_metric(apply_fn: ApplyFn, byte_ids: int = 256):
+    """``metric_fn(params, (tokens, mask)) -> {"bits_per_byte"}`` of a byte-level LM.
+
+    Every real target's information in bits (an end token's too: ending a word is
+    information) over the number of real targets that are bytes, ids below ``byte_ids``.
+    Same batch and model as :func:`next_token_loss`.
+    """
+
+    def metric_fn(params, batch):
+        ce, weights, _ = _next_token_terms(apply_fn, params, batch)
+        num_bytes = jnp.maximum(jnp.sum(weights * (batch[0][:, 1:] < byte_ids)), 1.0)
+        return {"bits_per_byte": jnp.sum(ce * weights) / (math.log(2.0) * num_bytes)}
 
     return metric_fn

@@ -7,13 +7,13 @@ Nothing outside this package imports it: ``import metajax`` gives the primitives
 | ``config`` | the config schema (a leaf module), ``--set`` parsing, JSON round trips |
 | ``config_files`` | finding config files by name (``metajax/configs/``, a user's own) |
 | ``families/`` | one module per task family, found by name |
-| ``setup`` | what a family builds: model, losses, task sources |
+| ``setup`` | the family contract: ``Family``, ``Setup`` (for training), ``Evaluator`` |
 | ``build`` | config -> experiment: the algorithm table, the outer optimizer |
-| ``loop`` | the train loop, resuming, ``evaluate_workdir`` |
+| ``loop`` | the train loop, resuming |
 | ``workdir`` | a workdir's config record |
 | ``logs`` | metrics window, ``metrics.jsonl``, progress |
-| ``checkpoint`` | orbax checkpoints carrying their config |
-| ``evaluate`` | held-out evaluation, ``eval.json`` |
+| ``checkpoint`` | orbax checkpoints carrying their config, ``restore_checkpoint`` |
+| ``evaluate`` | held-out evaluation, ``eval.json``, ``evaluate_workdir`` |
 | ``plots`` | learning curves and family figures |
 | ``predict`` | ``load(workdir).adapt_and_predict(...)`` |
 | ``cli`` | ``metajax train / eval / show / list`` |

@@ -1,7 +1,7 @@
 """From a config to an experiment: the family's setup, the algorithm, the outer optimizer.
 
-The algorithm table says which ``metajax.algorithms`` function each ``algorithm.name`` is;
-the settings of :class:`~metajax.run.config.AlgorithmConfig` that the function takes are
+The algorithm table says which ``metajax.algorithms`` function each ``algorithm.name`` is
+and which settings of :class:`~metajax.run.config.AlgorithmConfig` it takes; those are
 passed on, and one it does not take must keep its default (one from a config file is reset
 by :func:`drop_untaken_settings`). Metric-based algorithms (ProtoNets) meta-learn the
 family's ``embedding`` instead of its model: this module is the only place that knows.
@@ -22,31 +22,48 @@ from metajax.algorithms.protonets import protonet_logits
 from metajax.models.losses import accuracy_metric, classification_loss
 from metajax.run import families
 from metajax.run.config import AlgorithmConfig, Config, ConfigError, OptimizerConfig, suggest
-from metajax.run.setup import Setup
+from metajax.run.setup import Evaluator, Setup
 from metajax.types import LossFn, MetricFn, Params
 
 
 class AlgorithmSpec(NamedTuple):
-    """One ``algorithm.name``: the function, settings it fixes, and whether it is metric-based."""
+    """One ``algorithm.name``.
+
+    Attributes:
+      fn: the ``metajax.algorithms`` function; the runner passes it the family's loss (or
+        embedding) and ``metric_fn``.
+      takes: the :class:`AlgorithmConfig` settings it takes, each a keyword of ``fn``
+        (``inner_optimizer`` stands for ``inner_optimizer_args`` too).
+      fixed: settings it fixes, with their values.
+      masks: it takes ``mask=``, a family's inner mask.
+      metric_based: it meta-learns the family's embedding (ProtoNets).
+    """
 
     fn: Callable[..., MetaLearner]
+    takes: tuple[str, ...] = ()
     fixed: dict[str, Any] = {}
+    masks: bool = False
     metric_based: bool = False
 
 
+_INNER = ("inner_steps", "inner_lr", "inner_optimizer", "unroll", "monitor")
+_TASKS = ("task_batch", "unroll_tasks")
+_GRADIENT = _INNER + _TASKS + ("remat",)
 ALGORITHMS = {
-    "maml": AlgorithmSpec(algorithms.maml),
-    "fomaml": AlgorithmSpec(algorithms.maml, {"first_order": True}),
-    "anil": AlgorithmSpec(algorithms.anil),
-    "meta_sgd": AlgorithmSpec(algorithms.meta_sgd),
-    "mamlpp": AlgorithmSpec(algorithms.mamlpp),
-    "imaml": AlgorithmSpec(algorithms.imaml),
-    "reptile": AlgorithmSpec(algorithms.reptile),
-    "pretrain": AlgorithmSpec(algorithms.pretrain),
+    "maml": AlgorithmSpec(algorithms.maml, (*_GRADIENT, "first_order"), masks=True),
+    "fomaml": AlgorithmSpec(algorithms.maml, _GRADIENT, {"first_order": True}, masks=True),
+    "anil": AlgorithmSpec(algorithms.anil, (*_GRADIENT, "first_order", "head")),
+    "meta_sgd": AlgorithmSpec(algorithms.meta_sgd, (*_GRADIENT, "first_order"), masks=True),
+    "mamlpp": AlgorithmSpec(
+        algorithms.mamlpp,
+        (*_GRADIENT, "first_order", "lslr", "multi_step_loss", "anneal_iters", "first_order_until"),
+        masks=True,
+    ),
+    "imaml": AlgorithmSpec(algorithms.imaml, (*_INNER, *_TASKS, "reg", "cg_steps")),
+    "reptile": AlgorithmSpec(algorithms.reptile, (*_INNER, *_TASKS, "inner_batch"), masks=True),
+    "pretrain": AlgorithmSpec(algorithms.pretrain, _INNER, masks=True),
     "protonets": AlgorithmSpec(algorithms.protonets, metric_based=True),
 }
-# Config fields that are not keyword arguments of the algorithm functions.
-_RUNNER_FIELDS = ("name", "inner_optimizer", "inner_optimizer_args")
 
 
 class Experiment(NamedTuple):
@@ -60,7 +77,8 @@ class Experiment(NamedTuple):
       params: the initial parameters ``algo.init`` takes (the embedding's for ProtoNets).
       loss_fn: the query loss of adapted parameters, for evaluation.
       metric_fn: the query metrics of adapted parameters, or None.
-      predict_fn: ``predict_fn(adapted, inputs) -> outputs``.
+      evaluator: the family's :class:`~metajax.run.setup.Evaluator` (for ProtoNets,
+        predicting from the prototypes).
     """
 
     config: Config
@@ -70,7 +88,7 @@ class Experiment(NamedTuple):
     params: Params
     loss_fn: LossFn
     metric_fn: MetricFn | None
-    predict_fn: Callable[..., Any]
+    evaluator: Evaluator
 
 
 def build(config: Config) -> Experiment:
@@ -81,10 +99,10 @@ def build(config: Config) -> Experiment:
         a value the family or the algorithm refuses; nothing has been written.
     """
     family = families.load(config.family)
-    if not isinstance(config.task, family.TaskConfig):
+    if not isinstance(config.task, family.task_config):
         raise ConfigError(
             f"config.task is a {type(config.task).__name__}; family "
-            f"{config.family!r} takes {family.TaskConfig.__name__}."
+            f"{config.family!r} takes {family.task_config.__name__}."
         )
     try:
         setup = family.build(config)
@@ -93,11 +111,11 @@ def build(config: Config) -> Experiment:
             raise
         raise ConfigError(f"task: {e}") from None
     spec = _spec(config.algorithm.name)
-    loss_fn, metric_fn, params, predict_fn = (
+    loss_fn, metric_fn, params, evaluator = (
         setup.loss_fn,
         setup.metric_fn,
         setup.params,
-        setup.predict_fn,
+        setup.evaluator,
     )
     extra = {}
     if spec.metric_based:
@@ -117,12 +135,13 @@ def build(config: Config) -> Experiment:
             classification_loss(predict_fn),
             accuracy_metric(predict_fn),
         )
+        evaluator = evaluator._replace(predict_fn=predict_fn)
         extra = {"ways": embedding.ways}
     algo = make_algorithm(config.algorithm, setup, extra)
     optimizer = make_optimizer(config.optimizer, config.train.steps)
     if setup.wrap_optimizer is not None:
         optimizer = setup.wrap_optimizer(optimizer)
-    return Experiment(config, setup, algo, optimizer, params, loss_fn, metric_fn, predict_fn)
+    return Experiment(config, setup, algo, optimizer, params, loss_fn, metric_fn, evaluator)
 
 
 def _spec(name: str) -> AlgorithmSpec:
@@ -136,9 +155,9 @@ def _spec(name: str) -> AlgorithmSpec:
 
 def _takes(spec: AlgorithmSpec, field: str) -> bool:
     """Whether the algorithm takes ``AlgorithmConfig.field`` (or fixes it)."""
-    if field in ("inner_optimizer", "inner_optimizer_args"):
+    if field == "inner_optimizer_args":
         field = "inner_optimizer"
-    return field in spec.fixed or field in inspect.signature(spec.fn).parameters
+    return field in spec.fixed or field in spec.takes
 
 
 def drop_untaken_settings(config: Config, given: Iterable[str] = ()) -> tuple[Config, list[str]]:
@@ -172,13 +191,12 @@ def drop_untaken_settings(config: Config, given: Iterable[str] = ()) -> tuple[Co
 def make_algorithm(cfg: AlgorithmConfig, setup: Setup, extra: dict | None = None) -> MetaLearner:
     """The :class:`MetaLearner` ``cfg`` names, on the family's losses (or embedding)."""
     spec = _spec(cfg.name)
-    accepted = inspect.signature(spec.fn).parameters
     defaults = AlgorithmConfig()
     kwargs = dict(extra or {})
     for field in dataclasses.fields(AlgorithmConfig):
         name = field.name
-        if name in _RUNNER_FIELDS:
-            continue
+        if name in ("name", "inner_optimizer", "inner_optimizer_args"):
+            continue  # the inner optimizer is built below, from both of its fields
         value = getattr(cfg, name)
         if name == "unroll" and value is None:  # a config.json may say null: the default
             continue
@@ -188,7 +206,7 @@ def make_algorithm(cfg: AlgorithmConfig, setup: Setup, extra: dict | None = None
                     f"algorithm.{name}={value!r}: {cfg.name} fixes {name}={spec.fixed[name]!r}."
                 )
             kwargs[name] = spec.fixed[name]
-        elif name in accepted:
+        elif name in spec.takes:
             if name == "head" and value is None:
                 value = setup.head
                 if value is None:
@@ -196,23 +214,22 @@ def make_algorithm(cfg: AlgorithmConfig, setup: Setup, extra: dict | None = None
                         "algorithm.head: family has no default head; set "
                         "algorithm.head to a regex of the parameter paths to adapt."
                     )
-            if value is not None or accepted[name].default is not inspect.Parameter.empty:
-                kwargs[name] = value
+            kwargs[name] = value
         elif value != getattr(defaults, name):
             raise ConfigError(f"algorithm.{name}={value!r}: {cfg.name} takes no {name!r}.")
     if cfg.inner_optimizer is not None or cfg.inner_optimizer_args:
-        if "inner_optimizer" not in accepted:
+        if "inner_optimizer" not in spec.takes:
             raise ConfigError(
                 f"algorithm.inner_optimizer={cfg.inner_optimizer!r}: {cfg.name} "
                 "takes no inner optimizer."
             )
         kwargs.update(inner_rule(cfg))
-    if "metric_fn" in accepted and not spec.metric_based:
+    if not spec.metric_based:
         kwargs["metric_fn"] = setup.metric_fn
     if setup.inner_mask is not None:  # ANIL restricts its inner loop by `head` instead
-        if "mask" in accepted:
+        if spec.masks:
             kwargs["mask"] = setup.inner_mask
-        elif "head" not in accepted:
+        elif "head" not in spec.takes:
             raise ConfigError(
                 f"algorithm {cfg.name!r} cannot restrict its inner loop to part "
                 "of the parameters, which this family's model asks for."

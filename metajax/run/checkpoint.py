@@ -2,6 +2,8 @@
 
 Each checkpoint carries the config it was trained with (``config`` item, JSON), so a run
 resumed with changed settings keeps the record of what every checkpoint came from.
+:func:`resume` gives training its state, :func:`restore_checkpoint` gives evaluation and
+prediction theirs.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import orbax.checkpoint as ocp
 
 from metajax.run.config import ConfigError
 from metajax.run.workdir import has_checkpoint
+from metajax.train import TrainState, train_state
+
+if TYPE_CHECKING:
+    from metajax.run.build import Experiment
 
 
 class UnreadableCheckpointError(ConfigError):
@@ -165,6 +172,35 @@ def resume(workdir: Path, like, keep: int, total_steps: int, lead: bool, echo=pr
             (workdir / "checkpoints" / str(step)).rename(target)
         echo(f"moved the checkpoints that do not read (steps {sorted(broken)}) to {aside}")
     return restored, start
+
+
+def restore_checkpoint(
+    exp: Experiment, workdir: Path, step: int | None = None, echo=print
+) -> tuple[TrainState, int]:
+    """The checkpoint at ``step`` (default: the newest one that reads) of ``workdir`` as a
+    host train state, and its step.
+
+    Raises:
+      ConfigError: no checkpoint, none at ``step``, or none that reads; one line.
+    """
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise ConfigError(f"no checkpoint in {directory}: run `metajax train` with this workdir.")
+    ckpt = Checkpointer(directory, exp.config.train.keep_checkpoints, create=False)
+    like = train_state(exp.algo, exp.params, exp.optimizer)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise ConfigError(f"no checkpoint in {directory}: run `metajax train` first.")
+        if step is not None and step not in steps:
+            raise ConfigError(f"no checkpoint at step {step} in {directory}: it has {steps}.")
+        if step is None:
+            state, step, _ = ckpt.restore_readable(like, echo=echo)
+        else:
+            state = ckpt.restore(like, step)
+    finally:
+        ckpt.close()
+    return jax.device_get(state), step
 
 
 def quiet_abandoned_reads() -> Callable[[], None]:

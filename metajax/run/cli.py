@@ -164,7 +164,7 @@ def _main(args) -> int:
         return 2
     except ModuleNotFoundError as e:
         # An optional package a family or a pretrained model needs; families list theirs
-        # (REQUIRES) and fail before building, pretrained readers import theirs on loading.
+        # (Family.requires) and fail before building, pretrained readers import theirs on loading.
         message = str(e) if isinstance(e, _extras.MissingExtraError) else _extras.hint(e)
         if message is None:
             raise
@@ -243,8 +243,10 @@ def _run(args) -> int:
                 allow_changes=args.allow_changes,
             )
         else:
+            from metajax.run.evaluate import evaluate_workdir
+
             name = None if args.config is None else load_config(args.config).name
-            loop.evaluate_workdir(
+            evaluate_workdir(
                 args.workdir, args.overrides, name=name, step=args.step, output=args.output
             )
     except (NonFiniteError, loop.PeerFailedError) as e:

@@ -3,7 +3,7 @@
 A leaf module: it imports nothing from metajax, so config files, task families and the
 runner can all import it. A config file (``metajax/configs/<name>.py``, or a user's own)
 defines ``get_config(variant) -> Config`` (big_vision style); ``Config.task`` is the task
-family's own frozen dataclass (``TaskConfig`` in ``metajax/run/families/<family>.py``).
+family's own frozen dataclass (``FAMILY.task_config`` in ``metajax/run/families/<family>.py``).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One experiment. ``task`` is the family's ``TaskConfig`` (shots, model size, ...)."""
+    """One experiment. ``task`` is the family's ``task_config`` (shots, model size, ...)."""
 
     name: str
     family: str

@@ -1,20 +1,32 @@
-"""The runner's evaluation: held-out tasks, ``eval.json`` and the printed table."""
+"""The runner's evaluation: held-out tasks, ``eval.json``, the printed table, and
+``metajax eval`` on a trained workdir."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import numpy as np
 
-from metajax.run.build import Experiment
-from metajax.run.config import Config, ConfigError, apply_overrides, changed_keys, to_dict
-from metajax.train import evaluate, summarize
+from metajax.run import families
+from metajax.run.build import Experiment, build
+from metajax.run.checkpoint import restore_checkpoint
+from metajax.run.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    changed_keys,
+    to_dict,
+    validate,
+)
+from metajax.run.workdir import lock as workdir_lock
+from metajax.run.workdir import read_config
+from metajax.train import summarize
 
 # What `metajax eval --set` may change on a trained workdir besides eval.*: what evaluation
-# alone uses. A family adds its own (the test data, the evaluated split) in EVAL_KEYS.
+# alone uses. A family adds its own (the test data, the evaluated split): Family.eval_keys.
 EVAL_KEYS = ("algorithm.inner_lr",)
 
 
@@ -28,7 +40,8 @@ def run_eval(
     echo=print,
 ) -> dict:
     """Evaluates ``meta_params`` on ``eval.num_tasks`` held-out tasks of the family's
-    ``task.eval_split`` (test where it has none); writes ``output`` (default
+    ``task.eval_split`` (test where it has none) with the experiment's
+    :class:`~metajax.run.setup.Evaluator`; writes ``output`` (default
     ``workdir/eval.json``); plots.
 
     Every process computes the same numbers on its own devices (no collectives); only
@@ -40,24 +53,12 @@ def run_eval(
       full config evaluated (task settings included).
     """
     cfg = exp.config.eval
-    per_task = evaluate(
-        exp.algo,
-        meta_params,
-        exp.setup.eval_source,
-        exp.loss_fn,
-        exp.metric_fn,
-        num_tasks=cfg.num_tasks,
-        steps=cfg.inner_steps,
-        chunk=cfg.chunk,
-        vmap_tasks=cfg.vmap_tasks,
-    )
-    if exp.setup.score_fn is not None and cfg.scores:
-        per_task.update(host_scores(exp, meta_params))
+    per_task = exp.evaluator.run(exp, meta_params)
     result = {
         "config_name": exp.config.name,
         "checkpoint_step": step,
         "num_tasks": cfg.num_tasks,
-        "split": getattr(exp.config.task, "eval_split", "test"),
+        "split": _eval_split(exp.config),
         "adaptation_steps": list(range(cfg.inner_steps + 1)),
         "confidence": "95% half-width: 1.96 * sample std / sqrt(num_tasks)",
         "metrics": summarize(per_task),
@@ -70,49 +71,67 @@ def run_eval(
     output.write_text(json.dumps(result, indent=2) + "\n")
     echo(format_table(result, cfg.table_steps))
     echo(f"wrote {output}")
-    if exp.setup.plot_fn is not None:
-        path = exp.setup.plot_fn(exp.algo, meta_params, workdir / "plots")
+    if exp.evaluator.plot_fn is not None:
+        path = exp.evaluator.plot_fn(exp.algo, meta_params, workdir / "plots")
         if path is not None:
             echo(f"plot of adapted fits: {path}")
     return result
 
 
-def host_scores(exp: Experiment, meta_params) -> dict[str, np.ndarray]:
-    """``Setup.score_fn`` of every held-out task after 0..``eval.inner_steps`` steps (only
-    at ``eval.score_steps`` where given; NaN at the others).
+def evaluate_workdir(
+    workdir: str | Path,
+    overrides=(),
+    *,
+    name: str | None = None,
+    step: int | None = None,
+    output: str | Path | None = None,
+    echo=print,
+) -> dict:
+    """Evaluates a checkpoint of ``workdir`` with the config it was trained with.
 
-    The adapted parameters of each step come from one jitted ``adapt_trace`` per task;
-    the scores are computed on the host.
+    Args:
+      workdir: a ``metajax train`` run directory.
+      overrides: ``--set`` items; only what evaluation uses may change (``eval.*``, the
+        adaptation rate, the family's ``eval_keys``: its test data and split).
+      name: the config name given on the command line, which must be the workdir's.
+      step: the checkpoint evaluated (default: the newest that reads); choosing one on
+        validation tasks (``--set task.eval_split=validation``) is how a run's checkpoint
+        is picked.
+      output: the JSON file written (default ``workdir/eval.json``), so that a validation
+        evaluation does not replace the test one. Writing the default takes the workdir's
+        lock (a training run there writes it too); another file does not, so checkpoints
+        can be evaluated while the run trains on.
 
-    Returns:
-      ``{name: array (num_tasks, inner_steps + 1)}``, like :func:`metajax.evaluate`.
+    Raises:
+      ConfigError: no config or checkpoint (at ``step``) in ``workdir``, a name that is not
+        the workdir's, an override of a training setting, a task the data cannot give, an
+        ``output`` whose folder does not exist, or a workdir another process writes to.
     """
-    cfg, algo = exp.config.eval, exp.algo
-    trace = jax.jit(
-        lambda mp, support: algo.adapt_trace(mp, support, lambda p: p, steps=cfg.inner_steps)[1]
-    )
-    params = jax.device_put(jax.device_get(meta_params))
-    scored = set(cfg.score_steps or range(cfg.inner_steps + 1))
-    rows = []
-    for first in range(0, cfg.num_tasks, cfg.chunk):
-        tasks = jax.device_get(
-            exp.setup.eval_source.sample(0, min(cfg.chunk, cfg.num_tasks - first), first)
+    workdir = Path(workdir)
+    trained = read_config(workdir)
+    if trained is None:
+        raise ConfigError(
+            f"{workdir / 'config.json'} does not exist: is {workdir} a metajax train workdir?"
         )
-        for i in range(jax.tree.leaves(tasks)[0].shape[0]):
-            task = jax.tree.map(lambda x, i=i: x[i], tasks)
-            adapted = trace(params, task.support)
-            steps = {
-                k: exp.setup.score_fn(jax.tree.map(lambda x, k=k: x[k], adapted), task.query)
-                for k in sorted(scored)
-            }
-            names = next(iter(steps.values()))
-            rows.append(
-                {
-                    n: [steps[k][n] if k in steps else np.nan for k in range(cfg.inner_steps + 1)]
-                    for n in names
-                }
-            )
-    return {name: np.asarray([r[name] for r in rows], np.float64) for name in rows[0]}
+    if name is not None and name != trained.name:
+        raise ConfigError(
+            f"{workdir} holds a {trained.name!r} run, not {name!r}: give its own name, or none."
+        )
+    config = eval_config(trained, overrides, families.load(trained.family).eval_keys)
+    validate(config)
+    check_eval_config(config)
+    output = Path(output) if output is not None else workdir / "eval.json"
+    if not output.parent.is_dir() or output.is_dir():
+        raise ConfigError(f"--output {output}: not a file in an existing folder.")
+    exp = build(config)
+    check_sources(exp, train=False, evaluate=True)
+    writes_workdir = output.resolve() == (workdir / "eval.json").resolve()
+    with contextlib.ExitStack() as held:
+        if writes_workdir and jax.process_index() == 0:
+            held.enter_context(workdir_lock(workdir, "eval", echo=echo))
+        state, step = restore_checkpoint(exp, workdir, step, echo=echo)
+        echo(f"evaluating {workdir} at step {step}")
+        return run_eval(exp, state.meta_params, workdir, step=step, output=output, echo=echo)
 
 
 def eval_config(

@@ -8,15 +8,15 @@
 
 The workdir's ``config.json`` says which model and algorithm were trained and its latest
 checkpoint holds the meta-learned parameters; nothing else is needed (no training data).
-How a user's data becomes a batch is the task family's (``Setup.batch_fn``, ``inputs_fn``,
-``outputs_fn``).
+How a user's data becomes a batch is the task family's evaluator's
+(:class:`~metajax.run.setup.Evaluator`: ``batch_fn``, ``inputs_fn``, ``outputs_fn``).
 
 A user's data is checked before it reaches the model, each fault a :class:`PredictInputError`
 naming the argument: empty inputs; for classification families (those with an embedding)
 labels outside ``0..ways-1`` or classes not each present equally often; inputs of another
-shape than the model was trained on. That shape is the family's ``input_shape(config)``
-where its module defines one (the shape of one input example, as ``batch_fn`` and
-``inputs_fn`` give it), else the support batch of one task of the evaluation source.
+shape than the model was trained on. That shape is the evaluator's ``input_shape`` where the
+family declares one (the shape of one input example, as ``batch_fn`` and ``inputs_fn`` give
+it), else the support batch of one task of the evaluation source.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from metajax.run.build import Experiment, build
+from metajax.run.checkpoint import restore_checkpoint
 from metajax.run.config import Config, ConfigError
 from metajax.run.config_files import load_config
-from metajax.run.loop import restore_checkpoint
 from metajax.run.workdir import read_config
 
 
@@ -55,8 +55,8 @@ class FewShotModel:
         self._reference = None  # the trained support batch's shapes, found when first needed
 
     def support_batch(self, x: Any, y: Any = None) -> Any:
-        """The family's batch format for a support set (``Setup.batch_fn``)."""
-        fn = self._exp.setup.batch_fn
+        """The family's batch format for a support set (``Evaluator.batch_fn``)."""
+        fn = self._exp.evaluator.batch_fn
         if fn is not None:
             return fn(x, y)
         return jnp.asarray(x), jnp.asarray(y)
@@ -88,14 +88,14 @@ class FewShotModel:
           ``(m, ways)`` logits (``argmax(-1)`` is the class); language models
           ``(m, L, vocab)`` next-token logits (``[:, t]`` predicts token ``t + 1``).
         """
-        setup = self._exp.setup
+        evaluator = self._exp.evaluator
         _check_nonempty(query_x, "query_x")
         adapted = self.adapt(support_x, support_y, steps=steps)
-        inputs = setup.inputs_fn(query_x) if setup.inputs_fn is not None else jnp.asarray(query_x)
+        inputs = (evaluator.inputs_fn or jnp.asarray)(query_x)
         self._check_inputs(inputs, "query_x")
-        outputs = jax.jit(self._exp.predict_fn)(adapted, inputs)
-        if setup.outputs_fn is not None:
-            return setup.outputs_fn(outputs)
+        outputs = jax.jit(evaluator.predict_fn)(adapted, inputs)
+        if evaluator.outputs_fn is not None:
+            return evaluator.outputs_fn(outputs)
         return np.asarray(outputs)
 
     def _checked_support(self, x: Any, y: Any) -> Any:
@@ -131,11 +131,9 @@ class FewShotModel:
             )
 
     def _input_shape(self) -> tuple[int, ...] | None:
-        from metajax.run import families
-
-        hook = getattr(families.load(self.config.family), "input_shape", None)
-        if hook is not None:
-            return tuple(hook(self.config))
+        declared = self._exp.evaluator.input_shape
+        if declared is not None:
+            return tuple(declared)
         reference = self._reference_support()
         if reference is None or not isinstance(reference, tuple):
             return None
@@ -146,9 +144,7 @@ class FewShotModel:
         """Shapes of one support set as the model was trained on it, without the task axis
         (from the evaluation source, sampled once); None where the family declares
         ``input_shape`` instead (its source may need data files that prediction does not)."""
-        from metajax.run import families
-
-        if hasattr(families.load(self.config.family), "input_shape"):
+        if self._exp.evaluator.input_shape is not None:
             return None
         if self._reference is None:
             # Sampled once, outside any trace: sources are host code (and may fill caches).

@@ -1,6 +1,6 @@
 """A text family's model choice: its own Transformer (``scratch``) or a pretrained model.
 
-Every text family's ``TaskConfig`` inherits :class:`ModelChoice`, so ``task.model``,
+Every text family's task config inherits :class:`ModelChoice`, so ``task.model``,
 ``task.adapt``, ``task.lora_*``, ``task.freeze_base``, ``task.dtype``, ``task.remat`` and
 ``task.trainable_blocks`` mean the same everywhere; this module is the one place that loads a
 pretrained model and its tokenizer and wires its LoRA factors (:class:`Pretrained`).
@@ -58,7 +58,7 @@ _END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 
 @dataclasses.dataclass(frozen=True)
 class ModelChoice:
-    """The model fields every text family's ``TaskConfig`` shares (see :data:`ATTRIBUTES`)."""
+    """The model fields every text family's task config shares (see :data:`ATTRIBUTES`)."""
 
     model: str = SCRATCH
     trainable_blocks: int | None = None
@@ -71,7 +71,7 @@ class ModelChoice:
     remat: bool = False
 
 
-# Appended to each family's TaskConfig docstring, for `metajax show`.
+# Appended to each family's task config docstring, for `metajax show`.
 ATTRIBUTES = """
       model: scratch (the family's own Transformer, sized by the scratch fields) or a
         pretrained model: a Hugging Face folder (gpt2, llama, qwen2), a GGUF file or a
@@ -94,7 +94,7 @@ ATTRIBUTES = """
 
 
 def documented(cls: type) -> type:
-    """Appends :data:`ATTRIBUTES` to a ``TaskConfig``'s docstring (a class decorator)."""
+    """Appends :data:`ATTRIBUTES` to a task config's docstring (a class decorator)."""
     cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + ATTRIBUTES
     return cls
 
@@ -190,7 +190,7 @@ class Pretrained:
     """A pretrained model set up for a family: tokenizer, meta-parameters, masks, trunk.
 
     Args:
-      task: the family's ``TaskConfig`` (a :class:`ModelChoice` with ``model`` not scratch).
+      task: the family's task config (a :class:`ModelChoice` with ``model`` not scratch).
       seed: draws the LoRA factors (``fold_in(key(seed), 1)``).
       max_len: the family's tokens per sequence, checked against the model's positions.
       lm_head: whether the family reads the LM head's logits; False (a classifier over the

@@ -162,7 +162,10 @@ class TrunkCache:
         out = {}
         for lo in range(0, len(keys), BATCH):
             chunk = rows[lo : lo + BATCH]
-            padded = np.concatenate([chunk, np.repeat(chunk[:1], BATCH - len(chunk), 0)])
+            # Padded to the next power of two (at most BATCH): a few missing sequences cost
+            # a few rows, not BATCH, for at most log2(BATCH) + 1 compiled shapes.
+            size = min(BATCH, 1 << (len(chunk) - 1).bit_length())
+            padded = np.concatenate([chunk, np.repeat(chunk[:1], size - len(chunk), 0)])
             states = np.asarray(self._trunk(self.params, padded), np.float32)[: len(chunk)]
             for key, value in zip(keys[lo : lo + BATCH], states):
                 value = np.ascontiguousarray(value)

@@ -54,7 +54,7 @@ def read_config(workdir: Path) -> Config | None:
 
 
 def config_from_json(data: Any, where: Path | str = "config.json") -> Config:
-    """A :class:`Config` from its JSON form, its task built by the family's ``TaskConfig``,
+    """A :class:`Config` from its JSON form, its task built by the family's ``task_config``,
     every value checked against its field's type."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: not a metajax config (a JSON {type(data).__name__}).")
@@ -68,7 +68,7 @@ def config_from_json(data: Any, where: Path | str = "config.json") -> Config:
             raise ConfigError(f"{where}: {section} is {data[section]!r:.60}, expected an object.")
     try:
         family = families.load(data["family"])
-        config = from_dict(data, family.TaskConfig)
+        config = from_dict(data, family.task_config)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     except (KeyError, TypeError) as e:

@@ -15,8 +15,6 @@ from metajax.tasks.words import (
     VOCAB_SIZE,
     LanguageID,
     LanguageModeling,
-    bits_per_byte,
-    next_token_nll,
 )
 
 _LAZY = {"Omniglot": "metajax.tasks.omniglot", "prepare_omniglot": "metajax.tasks.omniglot_builder"}
@@ -43,8 +41,6 @@ __all__ = [
     "Omniglot",
     "Sinusoid",
     "TaskSource",
-    "bits_per_byte",
-    "next_token_nll",
     "prefetch",
     "prepare_omniglot",
     "split_id",

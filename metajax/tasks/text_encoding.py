@@ -27,7 +27,6 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from metajax.tasks import fewrel, translate, words
@@ -337,29 +336,3 @@ class TranslateTokens(TaskSource):
 
     def sample_languages(self, step: int, num_tasks: int, first_task: int = 0) -> list[str]:
         return self.source.sample_languages(step, num_tasks, first_task)
-
-
-def pair_translation_metrics(apply_fn, encoder: PairEncoder, decode_steps: int):
-    """``metrics(params, (tokens, mask, ...)) -> {"chrf", "exact_match"}`` (host side):
-    greedy translations of a query batch's sources (one jitted full pass per token) scored
-    against its targets, as :func:`metajax.tasks.translate.translation_metrics` does for
-    bytes."""
-    from metajax.models.decoding import greedy_decode
-
-    special = dict(end_id=encoder.end_id, pad_id=encoder.end_id)
-    banned = () if encoder.start_id == encoder.end_id else (encoder.start_id,)
-    decode = jax.jit(
-        lambda p, prompts, lengths: greedy_decode(
-            apply_fn, p, prompts, lengths, steps=decode_steps, banned_ids=banned, **special
-        )
-    )
-
-    def metrics(params, batch) -> dict[str, float]:
-        prompts, lengths, refs = encoder.split(batch[0], batch[1])
-        hyps = encoder.strings(np.asarray(decode(params, prompts, lengths)))
-        return {
-            "chrf": translate.chrf(hyps, refs),
-            "exact_match": float(np.mean([h == r for h, r in zip(hyps, refs)])),
-        }
-
-    return metrics

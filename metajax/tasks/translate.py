@@ -15,20 +15,35 @@ Tokens are UTF-8 bytes 0..255 plus ``PAD = 256``, ``BOS = 257``, ``END = 258`` (
 mask is 1 exactly on the target bytes and END, the tokens a translator must produce, so
 :func:`metajax.models.next_token_loss` scores the target given the source.
 
-Meta-splits are by language, holding out whole families and scripts (:func:`language_split`):
-a language's family comes from :data:`metajax.tasks.languages.FAMILIES` or, for languages that
+Meta-splits are by language, holding out whole families (:func:`language_groups`): a
+language's family comes from :data:`metajax.tasks.languages.FAMILIES` or, for languages that
 table lacks, :data:`EXTRA_FAMILIES`; its scripts are those of at least 5 % of the letters of its
 names (first word of each letter's Unicode name: LATIN, CYRILLIC, TAMIL, CJK, ...). Training
-languages are those of every family not held out; a held-out-family language is kept only if
-none of its scripts is a training language's script, so meta-test and validation languages
-come from families and scripts never seen in meta-training. Languages with fewer than
-:data:`MIN_PAIRS` pairs over all four kinds, without a family entry, or whose names duplicate an
-earlier locale's (``no`` = ``nb``) are not used. With babel 2.19 (CLDR 49):
+languages are those of every family not held out (:data:`HELDOUT_FAMILIES`). The held-out
+families form three groups, each with its own script rule:
 
-- test (Dravidian, Koreanic, Kra-Dai): kn, ko, lo, ml, ta, te, th (7 languages, 7 scripts);
-- validation (Armenian, Hellenic, Iroquoian, Kartvelian): chr, el, hy, ka (4 languages);
-- train: the remaining 221 languages. Held-out-family languages written in a training script
-  are unused: brh (Arabic), kxv, za (Latin), shn (Myanmar).
+- ``new_script`` (test): languages none of whose scripts a training language writes;
+- ``latin`` (test): languages written in Latin script alone, the script of most training
+  languages, so a model meets a new language without a new alphabet, and copying the English
+  name already scores (many names are shared or borrowed);
+- ``validation``: as ``new_script``, for choosing checkpoints and rates.
+
+A held-out-family language that breaks its group's rule, or has fewer than
+:data:`MIN_HELDOUT_PAIRS` names over all four kinds (too few for tasks of one language to
+vary), is unused: never trained on, never evaluated. Languages with fewer than
+:data:`MIN_PAIRS` pairs over all four kinds, without a family entry, or whose names duplicate
+an earlier locale's (``no`` = ``nb``) are not used at all. With babel 2.19 (CLDR 49):
+
+- ``new_script`` (Dravidian, Koreanic, Kra-Dai): kn, ko, lo, ml, ta, te, th (7 languages,
+  7 scripts);
+- ``latin`` (Austroasiatic, Austronesian, Basque, Chadic, Cushitic, Niger-Congo, Turkic,
+  Uralic): vi; bew, id, jv, mi, ms, to; eu; ha; om, so; ak, blo, ee, ig, ln, sw, wo, xh,
+  yo, zu; az, tk, tr, uz; et, fi, hu, smn (29 languages);
+- ``validation`` (Armenian, Hellenic, Iroquoian, Kartvelian): chr, el, hy, ka;
+- train: the remaining 137 languages. Unused (59): the held-out families' languages in
+  another script than their group's rule allows (Cyrillic and Arabic Turkic, Khmer km, Ol
+  Chiki sat, Ethiopic byn, Cyrillic myv, Myanmar shn, Arabic brh, Latin kxv and za), or with
+  fewer names (39 smaller Niger-Congo locales, fil, mg, se, sms).
 
 Sampling follows :mod:`metajax.tasks.words`: a task is one language of the split, its support K
 pairs and its query Q other pairs, a pure function of ``(seed, split, step, task index)``.
@@ -41,7 +56,6 @@ import dataclasses
 import functools
 import unicodedata
 
-import jax
 import numpy as np
 
 from metajax.models.decoding import (
@@ -51,8 +65,8 @@ from metajax.models.decoding import (
     greedy_decode_cached,
 )
 from metajax.tasks import languages as lang_lib
-from metajax.tasks.base import split_id, task_rng
-from metajax.tasks.words import BOS, PAD, bits_per_byte
+from metajax.tasks.base import TaskSource, split_id, task_rng
+from metajax.tasks.words import BOS, PAD
 from metajax.tasks.words import EOS as END
 from metajax.types import Task
 
@@ -88,12 +102,21 @@ _BY_FAMILY = {
 }  # fmt: skip
 EXTRA_FAMILIES = {lang: fam for fam, langs in _BY_FAMILY.items() for lang in langs.split()}
 
-# Held out by family; see the module docstring for the languages that remain after the
-# script rule.
+# Held out by family, in three groups (see the module docstring for each group's script rule
+# and the languages that remain). Afro-Asiatic and Indo-European count by branch, as in
+# metajax.tasks.languages: Chadic and Cushitic are held out, Semitic and Berber train.
 HELDOUT_FAMILIES = {
     "validation": ("Armenian", "Hellenic", "Iroquoian", "Kartvelian"),
-    "test": ("Dravidian", "Koreanic", "Kra-Dai"),
-}
+    "new_script": ("Dravidian", "Koreanic", "Kra-Dai"),
+    "latin": (
+        "Austroasiatic", "Austronesian", "Basque", "Chadic", "Cushitic", "Niger-Congo",
+        "Turkic", "Uralic",
+    ),
+}  # fmt: skip
+TEST_GROUPS = ("new_script", "latin")
+# Names (all four kinds) a held-out language needs: CLDR's smallest locales name mostly
+# territories, often as a neighbour does; with K + Q = 48 pairs per task they would repeat.
+MIN_HELDOUT_PAIRS = 400
 
 
 def family(lang: str) -> str | None:
@@ -185,32 +208,58 @@ def _usable_languages() -> tuple[str, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=1)
-def language_split() -> dict[str, tuple[str, ...]]:
-    """``{"train", "validation", "test": language codes}``: held-out families and scripts.
+def _follows_script_rule(group: str, lang: str, train_scripts: set[str]) -> bool:
+    if group == "latin":
+        return scripts(lang) == ("LATIN",)
+    return not set(scripts(lang)) & train_scripts
 
-    Deterministic (no randomness, sorted codes); see the module docstring for the rule and the
-    resulting languages.
+
+@functools.lru_cache(maxsize=1)
+def language_groups() -> dict[str, tuple[str, ...]]:
+    """``{"train", "validation", "new_script", "latin": language codes}``.
+
+    Deterministic (no randomness, sorted codes); see the module docstring for the rules and
+    the resulting languages.
     """
     heldout = {
-        lang: s
-        for s, fams in HELDOUT_FAMILIES.items()
+        lang: group
+        for group, fams in HELDOUT_FAMILIES.items()
         for lang in _usable_languages()
         if family(lang) in fams
     }
     train = tuple(lang for lang in _usable_languages() if lang not in heldout)
     train_scripts = {s for lang in train for s in scripts(lang)}
-    out = {"train": train, "validation": [], "test": []}
-    for lang, split in heldout.items():
-        if not set(scripts(lang)) & train_scripts:
-            out[split].append(lang)
+    out = {"train": list(train), **{group: [] for group in HELDOUT_FAMILIES}}
+    for lang, group in heldout.items():
+        names = len(load_pairs(lang, KINDS))
+        if names >= MIN_HELDOUT_PAIRS and _follows_script_rule(group, lang, train_scripts):
+            out[group].append(lang)
     return {k: tuple(sorted(v)) for k, v in out.items()}
 
 
+def check_test_group(test_group: str) -> str:
+    """``test_group`` itself, or ValueError naming the choices."""
+    if test_group not in TEST_GROUPS:
+        raise ValueError(f"test_group={test_group!r}: choose one of {', '.join(TEST_GROUPS)}.")
+    return test_group
+
+
+def language_split(test_group: str = "new_script") -> dict[str, tuple[str, ...]]:
+    """``{"train", "validation", "test": language codes}``, test being one of
+    :data:`TEST_GROUPS` (see :func:`language_groups`)."""
+    groups = language_groups()
+    return {
+        "train": groups["train"],
+        "validation": groups["validation"],
+        "test": groups[check_test_group(test_group)],
+    }
+
+
 def unused_heldout_languages() -> tuple[str, ...]:
-    """Held-out-family languages dropped because they share a script with training."""
-    split = language_split()
-    kept = set(split["validation"]) | set(split["test"])
+    """Held-out-family languages in no group: another script than their group's rule
+    allows, or fewer than :data:`MIN_HELDOUT_PAIRS` names."""
+    groups = language_groups()
+    kept = {x for group in HELDOUT_FAMILIES for x in groups[group]}
     fams = {f for fs in HELDOUT_FAMILIES.values() for f in fs}
     return tuple(x for x in _usable_languages() if family(x) in fams and x not in kept)
 
@@ -295,7 +344,7 @@ def _encoded(lang: str, kinds: tuple[str, ...], max_len: int) -> tuple[np.ndarra
 
 
 @dataclasses.dataclass(frozen=True)
-class Translate:
+class Translate(TaskSource):
     """English-to-X few-shot translation, one target language per task.
 
     ``sample`` returns ``Task(support=(tokens, mask), query=(tokens, mask))``: tokens int32
@@ -311,6 +360,10 @@ class Translate:
       kinds: name kinds used, from :data:`KINDS`.
       languages: explicit ``(train, validation, test)`` language codes; default
         :func:`language_split`. Languages with fewer than K + Q pairs that fit are skipped.
+      test_group: which held-out group the test split draws from, one of
+        :data:`TEST_GROUPS`: ``new_script`` or ``latin`` (:func:`language_groups`); ignored
+        with explicit ``languages``. Task ``i`` of a step draws the same random numbers in
+        either group, from another language list.
     """
 
     split: str = "train"
@@ -320,9 +373,11 @@ class Translate:
     max_len: int = 64
     kinds: tuple[str, ...] = DEFAULT_KINDS
     languages: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None
+    test_group: str = "new_script"
 
     def __post_init__(self):
         split_id(self.split)
+        check_test_group(self.test_group)
         _check_kinds(self.kinds)
         for name in ("shots", "queries"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -333,7 +388,7 @@ class Translate:
     def language_split(self) -> dict[str, tuple[str, ...]]:
         """``{meta-split: language codes}`` in use."""
         if self.languages is None:
-            return language_split()
+            return language_split(self.test_group)
         names = dict(zip(("train", "validation", "test"), self.languages, strict=True))
         return lang_lib.check_split(names, base_locales())
 
@@ -385,59 +440,3 @@ def greedy_translate(model, params, prompts, prompt_lengths, steps: int):
 def to_strings(generated) -> list[str]:
     """Generated tokens ``(n, steps)`` to strings (up to END; invalid UTF-8 replaced)."""
     return bytes_to_strings(generated, END)
-
-
-def chrf(hypotheses: list[str], references: list[str]) -> float:
-    """Corpus-level chrF (sacrebleu ``CHRF()`` defaults: character 6-grams, beta 2), 0..100.
-
-    Corpus-level: n-gram statistics are pooled over all the pairs before the F-score, the
-    standard form; averaging sentence-level scores instead would weigh a two-letter name as
-    much as a long one and is noisier on names this short.
-    """
-    from sacrebleu.metrics import CHRF
-
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references.")
-    return float(CHRF().corpus_score(list(hypotheses), [list(references)]).score)
-
-
-def translation_metrics(
-    apply_fn,
-    decode_steps: int,
-    decoder: IncrementalDecoder | None = None,
-    *,
-    with_bits: bool = True,
-):
-    """``metrics(params, batch) -> {"chrf", "exact_match", "bits_per_byte"}`` (host side).
-
-    For one task's query batch ``(tokens (n, L), mask (n, L))`` and (adapted) parameters:
-    greedy translations of the query sources (jitted, ``decode_steps`` tokens at most) scored
-    against the query targets by corpus-level :func:`chrf` and exact match (fraction of
-    identical strings), and the query bits per target byte of
-    :func:`metajax.tasks.words.bits_per_byte` (all target NLL, END included, over target
-    bytes). Python floats.
-
-    Args:
-      apply_fn: ``apply_fn(params, tokens) -> logits`` of the decoder LM.
-      decode_steps: generated tokens per query (END included).
-      decoder: the same model's key-value-cached decoder, if it has one (faster, same
-        translations).
-      with_bits: also the bits per byte (one more forward pass); False leaves it out.
-    """
-    model = apply_fn if decoder is None else decoder
-    translate = jax.jit(functools.partial(greedy_translate, model, steps=decode_steps))
-    bits = jax.jit(lambda p, tokens, mask: bits_per_byte(apply_fn(p, tokens), tokens, mask))
-
-    def metrics(params, batch) -> dict[str, float]:
-        tokens, mask = batch
-        prompts, lengths, refs = split_sequences(tokens)
-        hyps = to_strings(translate(params, prompts, lengths))
-        scores = {
-            "chrf": chrf(hyps, refs),
-            "exact_match": float(np.mean([h == r for h, r in zip(hyps, refs, strict=True)])),
-        }
-        if with_bits:
-            scores["bits_per_byte"] = float(bits(params, tokens, mask))
-        return scores
-
-    return metrics

@@ -10,7 +10,8 @@ Two task families, both :class:`~metajax.tasks.base.TaskSource`:
   ``words_per_sequence`` words joined by spaces), query = Q other sequences of that language.
   Batch ``(tokens int32 (n, L), mask float32 (n, L))``; ``mask[:, t]`` is 1 where token ``t``
   is a real prediction target (never BOS, never PAD), for a next-token loss that predicts
-  token ``t`` from tokens ``< t``: see :func:`next_token_nll` and :func:`bits_per_byte`.
+  token ``t`` from tokens ``< t``: :func:`metajax.models.losses.next_token_loss` and
+  :func:`metajax.models.losses.bits_per_byte_metric`.
 - :class:`LanguageID`: N-way K-shot classification whose classes are languages; batch
   ``(tokens int32 (n, L), labels int32 (n,))``, labels a random permutation per task.
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import unicodedata
 
 import numpy as np
@@ -237,37 +237,3 @@ class LanguageID(_WordTasks):
             )
 
         return Task(support=part(0, k), query=part(k, k + q))
-
-
-def next_token_nll(logits, tokens, mask):
-    """Mean next-token negative log-likelihood (nats) over real targets.
-
-    Args:
-      logits: (n, L, VOCAB_SIZE); ``logits[:, t]`` predicts token ``t + 1`` from tokens
-        ``<= t`` (a causal model run on ``tokens``).
-      tokens: int (n, L) as sampled.
-      mask: (n, L) as sampled (target weights).
-
-    Returns:
-      scalar, differentiable in ``logits``.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    w = mask[:, 1:]
-    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def bits_per_byte(logits, tokens, mask):
-    """Bits per UTF-8 byte: all target NLL (EOS too: ending a word is information) in bits,
-    divided by the number of byte targets. Same arguments as :func:`next_token_nll`."""
-    import jax
-    import jax.numpy as jnp
-
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    w = mask[:, 1:]
-    num_bytes = jnp.sum(w * (tokens[:, 1:] < 256))
-    return jnp.sum(nll * w) / (math.log(2) * jnp.maximum(num_bytes, 1.0))

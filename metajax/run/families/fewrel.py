@@ -34,7 +34,7 @@ from metajax.models.transformer import TransformerClassifier, TransformerConfig,
 from metajax.run import pretrained_choice
 from metajax.run.config import Config, ConfigError
 from metajax.run.pretrained_choice import SCRATCH, MappedSource, ModelChoice, Pretrained
-from metajax.run.setup import Embedding, Setup
+from metajax.run.setup import Embedding, Evaluator, Family, Setup
 from metajax.tasks import fewrel
 from metajax.tasks.text_encoding import POOLS, FewRelTokens, MarkerEncoder
 
@@ -101,13 +101,6 @@ class FewRelTask(ModelChoice):
     pool: str = "start"
 
 
-TaskConfig = FewRelTask
-# Keys that `metajax eval --set` may change on a trained workdir: what is evaluated, not
-# what was trained (other files would change the relations and so the word vocabulary).
-# The vocabulary comes from the train files alone, so evaluation may read other test files.
-EVAL_KEYS = ("task.eval_split", "task.data_dir", "task.test_files")
-
-
 def sources(task: FewRelTask, seed: int) -> tuple[fewrel.FewRel, fewrel.FewRel]:
     """The meta-training source and the ``eval_split`` source, checked: every task drawable."""
     _check(task)
@@ -172,16 +165,14 @@ def build(config: Config) -> Setup:
         return train.encode(sentences), _labels(labels, len(sentences), task.ways)
 
     return Setup(
-        params,
-        classification_loss(apply),
-        accuracy_metric(apply),
-        train,
-        test,
-        apply,
+        params=params,
+        loss_fn=classification_loss(apply),
+        metric_fn=accuracy_metric(apply),
+        train_source=train,
+        eval_source=test,
+        evaluator=Evaluator(apply, batch_fn=batch_fn, inputs_fn=train.encode),
         embedding=Embedding(trunk, embed, task.ways),
         head="head",
-        batch_fn=batch_fn,
-        inputs_fn=train.encode,
     )
 
 
@@ -246,19 +237,21 @@ def _build_pretrained(config: Config, task: FewRelTask) -> Setup:
     params = {"model": pre.meta_params, "head": head}
     to_inputs = lambda b: ((pre.inputs(b[0][0]), b[0][1]), b[1])
     return Setup(
-        params,
-        classification_loss(apply),
-        accuracy_metric(apply),
-        MappedSource(FewRelTokens(train_rel, encoder), to_inputs),
-        MappedSource(FewRelTokens(test_rel, encoder), to_inputs),
-        apply,
+        params=params,
+        loss_fn=classification_loss(apply),
+        metric_fn=accuracy_metric(apply),
+        train_source=MappedSource(FewRelTokens(train_rel, encoder), to_inputs),
+        eval_source=MappedSource(FewRelTokens(test_rel, encoder), to_inputs),
+        evaluator=Evaluator(
+            apply,
+            batch_fn=lambda sentences, labels: (
+                inputs(sentences),
+                _labels(labels, len(sentences), task.ways),
+            ),
+            inputs_fn=inputs,
+        ),
         embedding=Embedding({"model": pre.meta_params}, embed, task.ways),
         head=r"^head/",
-        batch_fn=lambda sentences, labels: (
-            inputs(sentences),
-            _labels(labels, len(sentences), task.ways),
-        ),
-        inputs_fn=inputs,
         inner_mask=pre.inner_mask(params, config),
         wrap_optimizer=pre.wrap_optimizer(),
     )
@@ -274,3 +267,14 @@ def _labels(labels, n: int, ways: int) -> np.ndarray:
     if labels.min() < 0 or labels.max() >= ways:
         raise ValueError(f"labels must lie in 0..{ways - 1}, got {sorted(set(labels.tolist()))}.")
     return labels.astype(np.int32)
+
+
+FAMILY = Family(
+    FewRelTask,
+    build,
+    # What is evaluated, not what was trained. The word vocabulary comes from the train
+    # files alone, so evaluation may read other test files (other train or validation
+    # files would change the relations and so the vocabulary) and draw tasks with another
+    # number of shots (the classifier's head has one output per way, not per shot).
+    eval_keys=("task.eval_split", "task.data_dir", "task.test_files", "task.shots"),
+)

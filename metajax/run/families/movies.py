@@ -25,7 +25,7 @@ import numpy as np
 from metajax.models.losses import mse_loss
 from metajax.models.transformer import TransformerConfig, TransformerEncoder
 from metajax.run.config import Config, ConfigError
-from metajax.run.setup import Setup
+from metajax.run.setup import Evaluator, Family, Setup
 from metajax.tasks import movies
 
 ENV = "METAJAX_MOVIETWEETINGS_DIR"
@@ -77,12 +77,6 @@ class MoviesTask:
     mlp_width: int = 64
     head_width: int = 32
     eval_split: str = "test"
-
-
-TaskConfig = MoviesTask
-# `metajax eval --set` may point a trained model at other users: another file of the format
-# (the hashed tokens need no vocabulary) or the validation users.
-EVAL_KEYS = ("task.eval_split", "task.data_dir", "task.ratings_file", "task.movies_file")
 
 
 class RatingModel(nn.Module):
@@ -183,15 +177,13 @@ def build(config: Config) -> Setup:
         return train.encode(texts), ratings
 
     return Setup(
-        params,
-        mse_loss(apply),
-        rating_metrics(apply),
-        train,
-        test,
-        apply,
+        params=params,
+        loss_fn=mse_loss(apply),
+        metric_fn=rating_metrics(apply),
+        train_source=train,
+        eval_source=test,
+        evaluator=Evaluator(apply, batch_fn=batch_fn, inputs_fn=train.encode),
         head="head",
-        batch_fn=batch_fn,
-        inputs_fn=train.encode,
     )
 
 
@@ -231,3 +223,12 @@ def _check(task: MoviesTask) -> None:
             f"task.shots + task.queries = {task.shots + task.queries} exceeds "
             f"task.min_ratings = {task.min_ratings}: some users could not fill a task."
         )
+
+
+FAMILY = Family(
+    MoviesTask,
+    build,
+    # A trained model may be pointed at other users: another file of the format (the hashed
+    # tokens need no vocabulary) or the validation users.
+    eval_keys=("task.eval_split", "task.data_dir", "task.ratings_file", "task.movies_file"),
+)

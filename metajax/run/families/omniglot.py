@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from metajax.models.convnet import ConvNet, ConvNetConfig
 from metajax.models.losses import accuracy_metric, classification_loss
 from metajax.run.config import Config, ConfigError, require_positive
-from metajax.run.setup import Embedding, Setup
+from metajax.run.setup import Embedding, Evaluator, Family, Setup
 
 ENV = "METAJAX_OMNIGLOT_DIR"
 
@@ -56,22 +56,6 @@ class OmniglotTask:
     eval_split: str = "test"
 
 
-TaskConfig = OmniglotTask
-# Keys that `metajax eval --set` may change on a trained workdir: what is evaluated, not
-# what was trained.
-EVAL_KEYS = ("task.eval_split", "task.zip_dir", "task.data_dir", "task.source")
-# Optional packages the family needs, checked when it is loaded (metajax._extras).
-REQUIRES = ("tensorflow_datasets", "array_record", "PIL")
-
-
-def input_shape(config: Config) -> tuple[int, ...]:
-    """One image as the ConvNet was trained on it (``metajax.run.predict`` checks a user's
-    support and query images against it, without reading the data)."""
-    from metajax.tasks.omniglot import IMAGE_SIZE
-
-    return (IMAGE_SIZE, IMAGE_SIZE, 1)
-
-
 def zip_dir(task: OmniglotTask) -> str:
     """Explicit ``task.zip_dir``, else ``$METAJAX_OMNIGLOT_DIR``.
 
@@ -88,7 +72,7 @@ def zip_dir(task: OmniglotTask) -> str:
 
 
 def build(config: Config) -> Setup:
-    from metajax.tasks.omniglot import Omniglot
+    from metajax.tasks.omniglot import IMAGE_SIZE, Omniglot
 
     task: OmniglotTask = config.task
     _check(task)
@@ -115,12 +99,13 @@ def build(config: Config) -> Setup:
     test = Omniglot(split=task.eval_split, **common)
     # One compiled init: op by op, each initializer of each shape would compile on its own.
     return Setup(
-        jax.jit(model.init)(key, x0),
-        classification_loss(model.apply),
-        accuracy_metric(model.apply),
-        train,
-        test,
-        model.apply,
+        params=jax.jit(model.init)(key, x0),
+        loss_fn=classification_loss(model.apply),
+        metric_fn=accuracy_metric(model.apply),
+        train_source=train,
+        eval_source=test,
+        # Known without sampling a task: prediction reads no data.
+        evaluator=Evaluator(model.apply, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 1)),
         embedding=Embedding(jax.jit(embed.init)(key, x0), embed.apply, task.ways),
         head="head",
     )
@@ -142,3 +127,12 @@ def _check(task: OmniglotTask) -> None:
                 f"({', '.join(s + '.zip' for s in ZIP_SPLITS)}): set "
                 f"task.zip_dir or ${ENV} to their folder."
             )
+
+
+FAMILY = Family(
+    OmniglotTask,
+    build,
+    # What is evaluated, not what was trained.
+    eval_keys=("task.eval_split", "task.zip_dir", "task.data_dir", "task.source"),
+    requires=("tensorflow_datasets", "array_record", "PIL"),
+)

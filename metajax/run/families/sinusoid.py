@@ -11,7 +11,7 @@ import numpy as np
 from metajax.models.losses import mse_loss
 from metajax.models.mlp import MLP
 from metajax.run.config import Config, ConfigError, require_positive
-from metajax.run.setup import Setup
+from metajax.run.setup import Evaluator, Family, Setup
 from metajax.tasks.sinusoid import Sinusoid
 
 
@@ -28,9 +28,6 @@ class SinusoidTask:
     shots: int = 10
     queries: int = 10
     hidden: tuple[int, ...] = (40, 40)
-
-
-TaskConfig = SinusoidTask
 
 
 def build(config: Config) -> Setup:
@@ -52,16 +49,15 @@ def build(config: Config) -> Setup:
         )
 
     return Setup(
-        params,
-        mse_loss(model.apply),
-        None,
-        train,
-        test,
-        model.apply,
+        params=params,
+        loss_fn=mse_loss(model.apply),
+        metric_fn=None,
+        train_source=train,
+        eval_source=test,
+        evaluator=Evaluator(
+            model.apply, batch_fn=_column_batch, inputs_fn=_column, plot_fn=plot_fn
+        ),
         head=f"Dense_{len(task.hidden)}",
-        batch_fn=_column_batch,
-        inputs_fn=_column,
-        plot_fn=plot_fn,
     )
 
 
@@ -80,3 +76,6 @@ def _column_batch(x, y):
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{x.shape[0]} support inputs but {y.shape[0]} targets.")
     return x, y
+
+
+FAMILY = Family(SinusoidTask, build)

@@ -5,8 +5,9 @@ A small decoder :class:`~metajax.models.TransformerLM` over byte tokens (vocabul
 name, then END. A task is one target language; its support K (English, target) pairs of CLDR
 display names (:mod:`metajax.tasks.translate`), its query Q other pairs. The loss is
 next-token cross-entropy on the target bytes and END only (the mask); the metric the query
-bits per target byte. Meta-test and validation languages come from families and scripts
-never seen in meta-training (:func:`metajax.tasks.translate.language_split`).
+bits per target byte. Meta-test and validation languages come from families never seen in
+meta-training, the test languages in two groups (``task.test_group``): scripts never seen
+either, or Latin script (:func:`metajax.tasks.translate.language_groups`).
 
 With a pretrained ``task.model`` (:mod:`metajax.run.pretrained_choice`) a pair is encoded by
 its tokenizer as the prompt ``start English " ="`` and the target ``" name" end``
@@ -26,16 +27,18 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metajax.models.decoding import greedy_decode, lm_decoder
-from metajax.models.losses import next_token_loss
+from metajax.models.losses import bits_per_byte_metric, next_token_loss
+from metajax.models.metrics import text_scores
 from metajax.models.transformer import TransformerConfig, TransformerLM
 from metajax.run import pretrained_choice
 from metajax.run.config import Config, ConfigError, require_positive
 from metajax.run.pretrained_choice import SCRATCH, MappedSource, ModelChoice, Pretrained
-from metajax.run.setup import Setup
-from metajax.tasks import translate, words
-from metajax.tasks.text_encoding import PairEncoder, TranslateTokens, pair_translation_metrics
+from metajax.run.setup import Evaluator, Family, Setup
+from metajax.tasks import translate
+from metajax.tasks.text_encoding import PairEncoder, TranslateTokens
 
 
 @pretrained_choice.documented
@@ -54,8 +57,12 @@ class TaskConfig(ModelChoice):
       depth: scratch: Transformer blocks.
       heads: scratch: attention heads.
       mlp_width: scratch: hidden width of each block's MLP.
-      eval_split: meta-split evaluated: test (held-out families and scripts) or validation
-        (for choosing checkpoints and rates).
+      eval_split: meta-split evaluated: test (held-out families) or validation (for
+        choosing checkpoints and rates).
+      test_group: which test languages eval_split=test draws: new_script (families and
+        scripts never seen in meta-training: kn, ko, lo, ml, ta, te, th) or latin (families
+        never seen, written in Latin script: vi, tr, fi, sw, ...); see
+        metajax.tasks.translate.language_groups. Ignored by eval_split=validation.
       decode_len: tokens generated per translation at most (END included); at most
         max_len - 3.
     """
@@ -70,10 +77,7 @@ class TaskConfig(ModelChoice):
     mlp_width: int = 256
     eval_split: str = "test"
     decode_len: int = 56
-
-
-# What `metajax eval --set` may change: the evaluated split and the translation length.
-EVAL_KEYS = ("task.eval_split", "task.decode_len")
+    test_group: str = "new_script"
 
 
 def check(task: TaskConfig) -> None:
@@ -91,6 +95,10 @@ def check(task: TaskConfig) -> None:
         )
     if task.eval_split not in ("validation", "test"):
         raise ConfigError(f"task.eval_split={task.eval_split!r}: choose validation or test.")
+    if task.test_group not in translate.TEST_GROUPS:
+        raise ConfigError(
+            f"task.test_group={task.test_group!r}: choose {' or '.join(translate.TEST_GROUPS)}."
+        )
 
 
 def transformer_config(task: TaskConfig) -> TransformerConfig:
@@ -117,11 +125,6 @@ def build(config: Config) -> Setup:
     # Jitted: one compile instead of many small eager ops (the same values).
     params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, task.max_len), jnp.int32))
 
-    def metric_fn(params, batch):
-        tokens, mask = batch
-        # Bits per target byte: all target NLL (END included) over the target bytes.
-        return {"bits_per_byte": words.bits_per_byte(model.apply(params, tokens), tokens, mask)}
-
     def predict_fn(adapted, inputs):
         prompts, lengths = inputs
         return translate.greedy_translate(decoder, adapted, prompts, lengths, task.decode_len)
@@ -135,23 +138,38 @@ def build(config: Config) -> Setup:
         prompts, lengths = translate.encode_prompts(list(query_sources), task.max_len)
         return jnp.asarray(prompts), jnp.asarray(lengths)
 
-    # chrF and exact match of greedy translations; bits per byte comes from metric_fn.
-    score_fn = translate.translation_metrics(model.apply, task.decode_len, decoder, with_bits=False)
-
     train, test = _sources(task, seed)
     return Setup(
-        params,
-        next_token_loss(model.apply),
-        metric_fn,
-        train,
-        test,
-        predict_fn,
+        params=params,
+        loss_fn=next_token_loss(model.apply),
+        # Bits per target byte: all target NLL (END included) over the target bytes.
+        metric_fn=bits_per_byte_metric(model.apply),
+        train_source=train,
+        eval_source=test,
+        evaluator=Evaluator(
+            predict_fn,
+            batch_fn=batch_fn,
+            inputs_fn=inputs_fn,
+            outputs_fn=translate.to_strings,
+            score_fn=translation_scores(
+                predict_fn, lambda batch: translate.split_sequences(batch[0]), translate.to_strings
+            ),
+        ),
         head="head|embed",
-        batch_fn=batch_fn,
-        inputs_fn=inputs_fn,
-        outputs_fn=translate.to_strings,
-        score_fn=score_fn,
     )
+
+
+def translation_scores(predict_fn, split, strings):
+    """``score_fn(adapted, query_batch) -> {"chrf", "exact_match"}``: the query sources
+    translated greedily by ``predict_fn`` (jitted), ``strings`` of its output scored against
+    the query targets; ``split(batch) -> (prompts, lengths, target strings)``."""
+    predict = jax.jit(predict_fn)
+
+    def score_fn(adapted, batch):
+        prompts, lengths, references = split(batch)
+        return text_scores(strings(predict(adapted, (prompts, lengths))), references)
+
+    return score_fn
 
 
 def _sources(task: TaskConfig, seed: int) -> tuple[translate.Translate, translate.Translate]:
@@ -164,7 +182,7 @@ def _sources(task: TaskConfig, seed: int) -> tuple[translate.Translate, translat
     )
     return (
         translate.Translate(split="train", **common),
-        translate.Translate(split=task.eval_split, **common),
+        translate.Translate(split=task.eval_split, test_group=task.test_group, **common),
     )
 
 
@@ -189,7 +207,6 @@ def _build_pretrained(config: Config, task: TaskConfig) -> Setup:
             banned_ids=banned,
         )
 
-    scores = pair_translation_metrics(apply_fn, encoder, task.decode_len)
     loss_fn, metric_fn = pre.next_token_fns()
     to_batch = lambda b: pre.lm_batch(*b)
     train, test = (
@@ -197,19 +214,33 @@ def _build_pretrained(config: Config, task: TaskConfig) -> Setup:
         for s in _sources(task, config.train.seed)
     )
     return Setup(
-        pre.meta_params,
-        loss_fn,
-        metric_fn,
-        train,
-        test,
-        predict_fn,
-        head=r"^lora/",
-        batch_fn=lambda pairs, y=None: pre.lm_batch(*encoder.pairs(list(pairs))),
-        inputs_fn=lambda sources: encoder.prompts(list(sources)),
-        outputs_fn=encoder.strings,
-        score_fn=lambda adapted, batch: scores(
-            params_of(adapted), (pre.tokens_of(batch[0]), batch[1])
+        params=pre.meta_params,
+        loss_fn=loss_fn,
+        metric_fn=metric_fn,
+        train_source=train,
+        eval_source=test,
+        evaluator=Evaluator(
+            predict_fn,
+            batch_fn=lambda pairs, y=None: pre.lm_batch(*encoder.pairs(list(pairs))),
+            inputs_fn=lambda sources: encoder.prompts(list(sources)),
+            outputs_fn=encoder.strings,
+            score_fn=translation_scores(
+                predict_fn,
+                lambda batch: encoder.split(pre.tokens_of(batch[0]), batch[1]),
+                lambda generated: encoder.strings(np.asarray(generated)),
+            ),
         ),
+        head=r"^lora/",
         inner_mask=pre.inner_mask(pre.meta_params, config),
         wrap_optimizer=pre.wrap_optimizer(),
     )
+
+
+FAMILY = Family(
+    TaskConfig,
+    build,
+    # What is evaluated: the split and test group, the translation length.
+    eval_keys=("task.eval_split", "task.test_group", "task.decode_len"),
+    # CLDR names, and chrF, which is scored only after training.
+    requires=("babel", "sacrebleu"),
+)

@@ -13,13 +13,8 @@ from metajax.models.losses import accuracy_metric, classification_loss
 from metajax.models.transformer import TransformerClassifier, TransformerEncoder
 from metajax.run.config import Config
 from metajax.run.families.words_lm import WordsTask, check, tokens, transformer_config
-from metajax.run.setup import Embedding, Setup
+from metajax.run.setup import Embedding, Evaluator, Family, Setup
 from metajax.tasks import words
-
-TaskConfig = WordsTask
-EVAL_KEYS = ("task.eval_split",)
-# Optional packages the family needs, checked when it is loaded (metajax._extras).
-REQUIRES = ("wordfreq",)
 
 
 def build(config: Config) -> Setup:
@@ -42,19 +37,24 @@ def build(config: Config) -> Setup:
     test = words.LanguageID(split=task.eval_split, **common)
     # One compiled init: op by op, each initializer of each shape would compile on its own.
     return Setup(
-        jax.jit(model.init)(key, x0),
-        classification_loss(model.apply),
-        accuracy_metric(model.apply),
-        train,
-        test,
-        model.apply,
+        params=jax.jit(model.init)(key, x0),
+        loss_fn=classification_loss(model.apply),
+        metric_fn=accuracy_metric(model.apply),
+        train_source=train,
+        eval_source=test,
+        evaluator=Evaluator(
+            model.apply,
+            batch_fn=lambda x, y: (tokens(x, task.max_len), jnp.asarray(y, jnp.int32)),
+            inputs_fn=lambda x: tokens(x, task.max_len),
+        ),
         embedding=_embedding(cfg, task, key, x0),
         head="head",
-        batch_fn=lambda x, y: (tokens(x, task.max_len), jnp.asarray(y, jnp.int32)),
-        inputs_fn=lambda x: tokens(x, task.max_len),
     )
 
 
 def _embedding(cfg, task, key, x0) -> Embedding:
     encoder = TransformerEncoder(cfg, pad_id=words.PAD)
     return Embedding(jax.jit(encoder.init)(key, x0), encoder.apply, task.ways)
+
+
+FAMILY = Family(WordsTask, build, eval_keys=("task.eval_split",), requires=("wordfreq",))

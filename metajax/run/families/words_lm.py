@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metajax.models.losses import next_token_loss
+from metajax.models.losses import bits_per_byte_metric, next_token_loss
 from metajax.models.transformer import TransformerConfig, TransformerLM
 from metajax.run import pretrained_choice
 from metajax.run.config import Config, ConfigError, require_positive
 from metajax.run.pretrained_choice import SCRATCH, MappedSource, ModelChoice, Pretrained
-from metajax.run.setup import Setup
+from metajax.run.setup import Evaluator, Family, Setup
 from metajax.tasks import words
 from metajax.tasks.text_encoding import TokenEncoder, WordTokens
 
@@ -63,12 +63,6 @@ class WordsTask(ModelChoice):
     heads: int = 4
     mlp_width: int = 256
     eval_split: str = "test"
-
-
-TaskConfig = WordsTask
-EVAL_KEYS = ("task.eval_split",)
-# Optional packages the family needs, checked when it is loaded (metajax._extras).
-REQUIRES = ("wordfreq",)
 
 
 def check(task: WordsTask) -> None:
@@ -117,11 +111,6 @@ def build(config: Config) -> Setup:
     # One compiled init: op by op, each initializer of each shape would compile on its own.
     params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, task.max_len), jnp.int32))
 
-    def metric_fn(params, batch):
-        tokens_, mask = batch
-        # Bits per UTF-8 byte: every target's information (EOS included) over byte targets.
-        return {"bits_per_byte": words.bits_per_byte(model.apply(params, tokens_), tokens_, mask)}
-
     def batch_fn(x, y=None):
         del y  # the targets are the next bytes
         t = tokens(x, task.max_len)
@@ -129,15 +118,16 @@ def build(config: Config) -> Setup:
 
     train, test = _sources(task, seed)
     return Setup(
-        params,
-        next_token_loss(model.apply),
-        metric_fn,
-        train,
-        test,
-        model.apply,
+        params=params,
+        loss_fn=next_token_loss(model.apply),
+        # Bits per UTF-8 byte: every target's information (EOS included) over byte targets.
+        metric_fn=bits_per_byte_metric(model.apply),
+        train_source=train,
+        eval_source=test,
+        evaluator=Evaluator(
+            model.apply, batch_fn=batch_fn, inputs_fn=lambda x: tokens(x, task.max_len)
+        ),
         head="head|embed",
-        batch_fn=batch_fn,
-        inputs_fn=lambda x: tokens(x, task.max_len),
     )
 
 
@@ -175,15 +165,18 @@ def _build_pretrained(config: Config, task: WordsTask) -> Setup:
         for s in _sources(task, config.train.seed)
     )
     return Setup(
-        pre.meta_params,
-        loss_fn,
-        metric_fn,
-        train,
-        test,
-        pre.apply,
+        params=pre.meta_params,
+        loss_fn=loss_fn,
+        metric_fn=metric_fn,
+        train_source=train,
+        eval_source=test,
+        evaluator=Evaluator(
+            pre.apply, batch_fn=batch_fn, inputs_fn=lambda x: pre.lm_input(encoded(x)[0])
+        ),
         head=r"^lora/",
-        batch_fn=batch_fn,
-        inputs_fn=lambda x: pre.lm_input(encoded(x)[0]),
         inner_mask=pre.inner_mask(pre.meta_params, config),
         wrap_optimizer=pre.wrap_optimizer(),
     )
+
+
+FAMILY = Family(WordsTask, build, eval_keys=("task.eval_split",), requires=("wordfreq",))

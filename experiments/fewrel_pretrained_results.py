@@ -1,0 +1,150 @@
+"""Tables and the figure of the FewRel runs with SmolLM2-135M, from their result files.
+
+Reads, under RUNS (default ``runs``): ``sm_5w1s_<algo>/eval.json`` (5-way 1-shot news, at the
+checkpoint and rate chosen on validation by ``experiments/choose_on_validation.py``),
+``sm_5w1s_<algo>/eval_5shot.json`` (the same runs on 5-shot tasks), the ``validation*/choice.json``
+files, ``sm_finetune/eval_<k>shot.json`` (``experiments/fewrel_finetune.py``), and
+``experiments/results/fewrel_frozen_features.json``; the word-overlap reference is computed
+here (seconds). Prints markdown tables and writes
+``experiments/results/fewrel_smollm2_steps.png``::
+
+    .venv/bin/python experiments/fewrel_pretrained_results.py runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from _shared_data import use_shared_data  # noqa: E402
+from fewrel_lexical import accuracy as word_overlap  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ADAPTING = {"maml": "second-order MAML", "fomaml": "FOMAML", "reptile": "Reptile"}
+NAMES = {"protonets": "ProtoNets", **ADAPTING}
+
+
+def cell(mean: float, ci: float) -> str:
+    return f"{100 * mean:.2f} ± {100 * ci:.2f} %"
+
+
+def read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_rows(runs: Path, suffix: str) -> dict:
+    """``{algo: (accuracy by step, ci by step, chosen steps, choice)}`` of the runs found."""
+    rows = {}
+    for algo in NAMES:
+        result = read(runs / f"sm_5w1s_{algo}" / f"eval{suffix}.json")
+        if result is None:
+            continue
+        acc = result["metrics"]["accuracy"]
+        choice = read(runs / f"sm_5w1s_{algo}" / f"validation{suffix}" / "choice.json")
+        best = choice["best"] if choice else {"adaptation_steps": len(acc["mean"]) - 1}
+        rows[algo] = (acc["mean"], acc["ci95"], best.get("adaptation_steps", 0), best)
+    return rows
+
+
+def row(name: str, chosen: str, main: str, by_step=("-",) * 4) -> str:
+    return f"| {name} | {chosen} | **{main}** | " + " | ".join(by_step) + " |"
+
+
+def table(title, rows, finetune, frozen, overlap) -> list[str]:
+    lines = [f"**{title}**", ""]
+    lines.append(
+        row(
+            "run",
+            "chosen on validation",
+            "accuracy at the chosen steps",
+            ("0 steps", "1", "2", "5"),
+        ).replace("**", "")
+    )
+    lines.append("|---" * 7 + "|")
+    for algo, (mean, ci, k, best) in rows.items():
+        chosen = f"checkpoint {best.get('step', '-')}, rate {best.get('rate') or '-'}, {k} steps"
+        by_step = [cell(mean[s], ci[s]) if s < len(mean) else "-" for s in (0, 1, 2, 5)]
+        lines.append(
+            row(f"{NAMES[algo]} (LoRA, top 2 blocks)", chosen, cell(mean[k], ci[k]), by_step)
+        )
+    if finetune:
+        mean, ci, k = finetune["test"]["mean"], finetune["test"]["ci95"], finetune["steps"]
+        by_step = [cell(mean[s], ci[s]) for s in (0, 1, 2, 5)]
+        chosen = f"rate {finetune['rate']}, {k} steps"
+        lines.append(
+            row(
+                "fine-tuned on the pooled relations, then adapted",
+                chosen,
+                cell(mean[k], ci[k]),
+                by_step,
+            )
+        )
+        lines.append(
+            row("fine-tuned, prototypes of its features", "-", cell(*finetune["test_prototypes"]))
+        )
+    if frozen:
+        lines.append(
+            row("frozen SmolLM2 features, prototypes (no training)", frozen[1], cell(*frozen[0]))
+        )
+    lines.append(row("word overlap (nothing learned)", "-", cell(*overlap)))
+    return lines
+
+
+def figure(rows, finetune, frozen, overlap, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for algo, (mean, ci, _, _) in rows.items():
+        steps = range(len(mean))
+        if len(mean) == 1:
+            ax.axhline(100 * mean[0], color="C3", ls="--", label=f"{NAMES[algo]} (no steps)")
+            continue
+        m = [100 * v for v in mean]
+        ax.errorbar(
+            steps, m, yerr=[100 * c for c in ci], marker="o", ms=3, capsize=2, label=NAMES[algo]
+        )
+    if finetune:
+        m = [100 * v for v in finetune["test"]["mean"]]
+        ax.plot(range(len(m)), m, "k-.", marker="s", ms=3, label="fine-tuned on pooled relations")
+    if frozen:
+        ax.axhline(100 * frozen[0][0], color="C7", ls=":", label="frozen features, prototypes")
+    ax.axhline(100 * overlap[0], color="C8", ls="--", label="word overlap")
+    ax.axhline(20, color="k", lw=0.5)
+    ax.set_xlabel("adaptation steps on the support set")
+    ax.set_ylabel("query accuracy on news, % (600 tasks)")
+    ax.set_title("FewRel 5-way 1-shot, Wikipedia/SemEval to news: SmolLM2-135M")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", type=Path, nargs="?", default=Path("runs"))
+    args = parser.parse_args()
+    use_shared_data()
+    frozen_file = read(RESULTS / "fewrel_frozen_features.json")
+    for suffix, shots in (("", 1), ("_5shot", 5)):
+        rows = run_rows(args.runs, suffix)
+        finetune = read(args.runs / "sm_finetune" / f"eval_{shots}shot.json")
+        frozen = None
+        if frozen_file:
+            c = frozen_file["choice"]
+            setting = frozen_file["settings"][f"cross-domain 5w{shots}s"]
+            frozen = (
+                (setting["accuracy"], setting["ci95"]),
+                f"layer {c['layer']}, {c['pool']}, {c['distance']}",
+            )
+        overlap = word_overlap("cross_domain", shots, "test")
+        title = f"Cross-domain 5-way {shots}-shot (test: the 25 news relations, 600 tasks)"
+        print("\n".join(table(title, rows, finetune, frozen, overlap)) + "\n")
+        if shots == 1:
+            figure(rows, finetune, frozen, overlap, RESULTS / "fewrel_smollm2_steps.png")
+
+
+if __name__ == "__main__":
+    main()
