@@ -8,8 +8,8 @@ relation head is then dropped, and each test task is adapted exactly as the meta
 rows are: a zero 5-way head and the factors, SGD on the support sentences, accuracy on the
 query after 0 to 5 steps (``metajax.evaluate``, the runner's evaluation); and, with no
 steps at all, nearest prototypes of the fine-tuned features. The inner rate and the
-number of steps are chosen on the validation relations (100 tasks), then the test tasks
-(600) are evaluated once::
+number of steps are chosen on the validation relations (``--validation-tasks``, 100), then
+the test tasks (``--test-tasks``, 600) are evaluated once::
 
     .venv/bin/python experiments/fewrel_finetune.py --workdir runs/sm_finetune \\
         --shots 1 5 --steps 300 --rates 0.01 0.03
@@ -36,24 +36,15 @@ from _shared_data import use_shared_data
 import metajax as mj
 from metajax.run.build import build
 from metajax.run.config_files import load_config
+from metajax.run.families import fewrel as fewrel_family
 from metajax.tasks import fewrel
 
-VALIDATION_TASKS, TEST_TASKS, EVAL_STEPS = 100, 600, 5
+EVAL_STEPS = 5
 
 
 def relation_sentences(config) -> tuple[list, np.ndarray]:
     """Every sentence of the meta-training relations and its relation index."""
-    task = config.task
-    splits = fewrel.protocol_splits(
-        task.protocol,
-        task.train_files,
-        task.val_files,
-        task.test_files,
-        data_dir=task.data_dir,
-        num_val=task.val_relations,
-        num_test=task.test_relations,
-    )
-    relations = fewrel.resolve(splits)["train"]
+    relations = fewrel.resolve(fewrel_family.splits(config.task))["train"]
     sentences, labels = [], []
     for label, sents in enumerate(relations.values()):
         sentences.extend(sents)
@@ -161,10 +152,14 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3])
     parser.add_argument("--shots", type=int, nargs="+", default=[1])
+    parser.add_argument("--validation-tasks", type=int, default=100)
+    parser.add_argument("--test-tasks", type=int, default=600)
     args = parser.parse_args()
     use_shared_data()
-    if args.steps < 1 or args.batch < 1 or not args.lr > 0:
-        parser.error("--steps and --batch must be >= 1 and --lr positive.")
+    if min(args.steps, args.batch, args.validation_tasks, args.test_tasks) < 1:
+        parser.error("--steps, --batch and the task counts must be >= 1.")
+    if not args.lr > 0 or min(args.rates) <= 0:
+        parser.error("--lr and --rates must be positive.")
     experiment = build(load_config(args.config, args.sets))
     args.workdir.mkdir(parents=True, exist_ok=True)
     final = args.workdir / "params.pkl"
@@ -182,7 +177,7 @@ def main():
             best = (-1.0, None, None)
             for rate in args.rates:
                 acc, protos = evaluate(
-                    experiment, params, validation_split, shots, rate, VALIDATION_TASKS
+                    experiment, params, validation_split, shots, rate, args.validation_tasks
                 )
                 by_steps = acc.mean(0)
                 print(
@@ -197,7 +192,7 @@ def main():
             _, rate, steps = best
         else:
             rate, steps = args.rates[0], EVAL_STEPS
-        acc, protos = evaluate(experiment, params, "test", shots, rate, TEST_TASKS)
+        acc, protos = evaluate(experiment, params, "test", shots, rate, args.test_tasks)
         summary = mj.summarize({"accuracy": acc})["accuracy"]
         out.update(
             rate=rate,

@@ -101,19 +101,28 @@ class FewRelTask(ModelChoice):
     pool: str = "start"
 
 
+def splits(task: FewRelTask) -> fewrel.Splits:
+    """The relations of each meta-split that ``task``'s protocol and files give.
+
+    Raises:
+      fewrel.FewRelError: a file cannot be read or the relations do not split.
+    """
+    return fewrel.protocol_splits(
+        task.protocol,
+        task.train_files,
+        task.val_files,
+        task.test_files,
+        data_dir=task.data_dir,
+        num_val=task.val_relations,
+        num_test=task.test_relations,
+    )
+
+
 def sources(task: FewRelTask, seed: int) -> tuple[fewrel.FewRel, fewrel.FewRel]:
     """The meta-training source and the ``eval_split`` source, checked: every task drawable."""
     _check(task)
     try:
-        splits = fewrel.protocol_splits(
-            task.protocol,
-            task.train_files,
-            task.val_files,
-            task.test_files,
-            data_dir=task.data_dir,
-            num_val=task.val_relations,
-            num_test=task.test_relations,
-        )
+        meta_splits = splits(task)
         common = dict(
             ways=task.ways,
             shots=task.shots,
@@ -123,8 +132,8 @@ def sources(task: FewRelTask, seed: int) -> tuple[fewrel.FewRel, fewrel.FewRel]:
             tokenizer=task.tokenizer,
             vocab_size=task.vocab_size,
         )
-        train = fewrel.FewRel(splits, split="train", **common)
-        test = fewrel.FewRel(splits, split=task.eval_split, **common)
+        train = fewrel.FewRel(meta_splits, split="train", **common)
+        test = fewrel.FewRel(meta_splits, split=task.eval_split, **common)
         train.check()
         test.check()
     except fewrel.FewRelError as e:
