@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
+from conftest import needs_data
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -129,3 +133,21 @@ def test_inner_loop_default_smoke(tmp_path):
     assert (few["inner_steps"], many["inner_steps"], scan["inner_steps"]) == (2, 12, 2)
     assert (few["loops"], many["loops"], scan["loops"]) == (False, True, True)
     assert all(r["temp_mb"] > 0 and r["compile_s"] > 0 for r in result["remat"])
+
+
+@needs_data("fewrel")
+def test_config_steps_times_second_and_first_order_on_the_same_tasks(capsys):
+    from benchmarks import config_steps
+
+    runs = config_steps.main(
+        ["fewrel:smollm2_tiny_maml", "fewrel:smollm2_tiny_fomaml", "--rounds", "2"]
+    )
+    maml, fomaml = runs.values()
+    # Identical tasks (same source, same seed): only the algorithm differs.
+    same = map(np.array_equal, jax.tree.leaves(maml["tasks"]), jax.tree.leaves(fomaml["tasks"]))
+    assert all(same)
+    assert len(maml["times"]) == len(fomaml["times"]) == 2
+    # The second-order step differentiates through the inner step: more work than FOMAML's.
+    assert maml["flops"] > 1.2 * fomaml["flops"]
+    table = capsys.readouterr().out
+    assert "| fewrel:smollm2_tiny_fomaml |" in table and "| 1.00x |" in table

@@ -67,3 +67,18 @@ def test_cli_trains_scores_and_predicts_with_a_frozen_trunk(tmp_path):
     model = predict.load(workdir)
     out = model.adapt_and_predict(SUPPORT, None, ["Japan"])
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_cli_smollm2_tiny_trains_the_top_block_on_latin_script_languages(tmp_path):
+    # The SmolLM2 variants' settings (frozen trunk, LoRA, the Latin-script test group) on the
+    # committed random tiny Llama.
+    workdir = tmp_path / "sm"
+    args = ["train", "translate:smollm2_tiny", "--workdir", str(workdir), "--no-progress"]
+    assert cli.main(args) == 0
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["task"]["trainable_blocks"] == 1 and config["task"]["test_group"] == "latin"
+    assert config["task"]["model"].endswith("llama.q8_0.gguf")
+    metrics = json.loads((workdir / "eval.json").read_text())["metrics"]
+    loss = metrics["loss"]["mean"]
+    assert all(math.isfinite(x) for x in loss) and loss[2] < loss[0]  # adaptation fits
+    assert all(0.0 <= c <= 100.0 for c in metrics["chrf"]["mean"])
