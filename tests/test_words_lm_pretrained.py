@@ -1,6 +1,7 @@
-"""``words_lm`` with a pretrained model (``task.model``), on the committed tiny GPT-2: LoRA
-meta-learning with a frozen base through the CLI, prediction from the workdir, the frozen
-trunk, and config errors that name the problem."""
+"""``words_lm`` with a pretrained model (``task.model``), on the committed tiny GPT-2 and tiny
+Llama: LoRA meta-learning with a frozen base through the CLI, prediction from the workdir, the
+frozen trunk, bits per byte from the tokenizer's byte table, and config errors that name the
+problem."""
 
 import json
 import math
@@ -15,12 +16,17 @@ import pytest
 
 from metajax.lora import LoRA
 from metajax.models import load_gpt2
+from metajax.models.pretrained import load_tokenizer
 from metajax.run import cli, predict
 from metajax.run.config import ConfigError
 from metajax.run.config_files import load_config
 from metajax.run.families import words_lm
+from metajax.run.pretrained_choice import token_byte_lengths
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "gpt2_tiny"
+LLAMA_GGUF = FIXTURE.parent / "llama_tiny" / "llama.q8_0.gguf"
+# Latin with accents, Cyrillic, Thai, Korean, Greek, Hebrew: 1- to 3-byte characters.
+WORDS = ["kala", "naïve", "żółć", "привет", "สวัสดี", "한국어", "ελληνικά", "עברית"]
 QUIET = ["--no-progress"]
 
 
@@ -171,3 +177,77 @@ def test_freeze_base_trains_the_layer_norms_too_for_lora_plus_norm():
     # The inner loop adapts the same leaves: the factors and the LayerNorms.
     assert setup.inner_mask["base"]["params"]["h_1"]["ln_2"]["bias"] is True
     assert setup.inner_mask["base"]["params"]["h_1"]["mlp"]["c_fc"]["kernel"] is False
+
+
+@pytest.mark.parametrize("fixture", [FIXTURE, LLAMA_GGUF], ids=["gpt2_folder", "llama_gguf"])
+def test_byte_table_spells_each_words_utf8_bytes(fixture):
+    tokenizer = load_tokenizer(fixture)
+    table = token_byte_lengths(tokenizer)
+    assert table.shape == (tokenizer.vocab_size,)
+    for word in WORDS:
+        ids = tokenizer.encode(word)
+        assert table[ids].sum() == len(word.encode("utf-8")), word
+    # The fixtures' 320 ids cut characters apart: an id decoded alone is U+FFFD, not its bytes,
+    # so a table of len(decode([id]).encode()) would miscount these words.
+    partial = [i for w in WORDS for i in tokenizer.encode(w) if "\ufffd" in tokenizer.decode([i])]
+    assert partial
+    # Special tokens (start, end, padding) spell nothing; a model's padded ids neither.
+    assert table[tokenizer.token_id("<|endoftext|>")] == 0
+    assert np.array_equal(token_byte_lengths(tokenizer, 400)[: table.size], table)
+    assert not token_byte_lengths(tokenizer, 400)[table.size :].any()
+
+
+def test_byte_table_refuses_a_tokenizer_that_is_not_byte_level():
+    from tokenizers import Tokenizer, decoders, models
+
+    tokenizer = Tokenizer(models.BPE(vocab={"a": 0, "▁": 1}, merges=[]))
+    tokenizer.decoder = decoders.Metaspace()
+    with pytest.raises(ValueError, match="byte-level BPE tokenizer.*Metaspace"):
+        token_byte_lengths(tokenizer)
+    with pytest.raises(ValueError, match="size=10 is below"):
+        token_byte_lengths(load_tokenizer(FIXTURE), 10)
+
+
+@pytest.mark.parametrize(
+    "spec", ["words_lm:gpt2_tiny", "words_lm:smollm2_tiny"], ids=["gpt2", "llama_trunk"]
+)
+def test_bits_per_byte_is_the_bits_per_token_over_the_words_bytes(spec):
+    setup = words_lm.build(load_config(spec, ["task.max_len=24"]))  # 16-byte words fit
+    batch = setup.evaluator.batch_fn(WORDS)
+    metrics = jax.jit(setup.metric_fn)(setup.params, batch)
+    # The targets: each word's tokens and its end token, which spells no byte.
+    num_tokens = float(np.asarray(batch[1])[:, 1:].sum())
+    num_bytes = sum(len(w.encode("utf-8")) for w in WORDS)
+    assert num_tokens != num_bytes  # else a table of ones would pass too
+    bits = float(metrics["bits_per_token"]) * num_tokens
+    assert float(metrics["bits_per_byte"]) * num_bytes == pytest.approx(bits, rel=1e-5)
+    assert 0 <= float(metrics["accuracy"]) <= 1
+
+
+@pytest.mark.parametrize("variant", ["smollm2_tiny", "smollm2_tiny_pretrain"])
+def test_smollm2_tiny_reports_bits_per_byte_through_the_cli(tmp_path, variant):
+    workdir = tmp_path / variant
+    _train(f"words_lm:{variant}", workdir)
+    result = json.loads((workdir / "eval.json").read_text())
+    assert result["config"]["task"]["trainable_blocks"] == 1
+    assert result["config"]["task"]["model"].endswith("llama_tiny/llama.q8_0.gguf")
+    expected = {"smollm2_tiny": "maml", "smollm2_tiny_pretrain": "pretrain"}[variant]
+    assert result["config"]["algorithm"]["name"] == expected
+    for name in ("bits_per_byte", "bits_per_token", "accuracy"):
+        means = result["metrics"][name]["mean"]
+        assert len(means) == 2 and all(math.isfinite(m) for m in means), name
+    # A random 320-id model: about log2(320) bits a token, more per byte (end tokens).
+    assert result["metrics"]["bits_per_byte"]["mean"][0] > 5
+
+
+def test_smollm2_variants_are_sized_for_the_cpu():
+    for algo in ("maml", "fomaml", "reptile", "pretrain"):
+        c = load_config(f"words_lm:smollm2_{algo}")
+        assert c.algorithm.name == algo and c.task.model == "smollm2-135m"
+        assert (c.task.trainable_blocks, c.task.lora_rank, c.task.lora_alpha) == (2, 8, 16.0)
+        assert (c.task.shots, c.task.queries, c.task.max_len) == (4, 4, 16)
+        assert (c.train.steps, c.train.meta_batch, c.train.checkpoint_every) == (100, 4, 25)
+        assert (c.eval.num_tasks, c.eval.inner_steps) == (200, 20)
+        assert c.eval.table_steps == (0, 1, 5, 10, 20) and c.algorithm.inner_lr == 0.01
+    with pytest.raises(ValueError, match="words_lm variant 'smollm2_anil'"):
+        load_config("words_lm:smollm2_anil")

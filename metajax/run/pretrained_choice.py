@@ -26,6 +26,7 @@ trunk's stays frozen.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from pathlib import Path
@@ -37,7 +38,7 @@ import numpy as np
 import optax
 
 from metajax import lora as lora_lib
-from metajax.models.losses import next_token_loss, next_token_metrics
+from metajax.models.losses import next_token_byte_metrics, next_token_loss, next_token_metrics
 from metajax.run.config import Config, ConfigError
 from metajax.run.trunk_cache import TrunkCache, file_digest, params_digest
 from metajax.tasks.base import TaskSource
@@ -294,9 +295,25 @@ class Pretrained:
 
         return apply_fn, lambda meta_params: (self.trunk_params, lora.merge(meta_params))
 
-    def next_token_fns(self) -> tuple[Any, Any]:
+    def byte_lengths(self) -> np.ndarray:
+        """int32 ``(model vocab,)``: the UTF-8 bytes each token id spells
+        (:func:`token_byte_lengths`; 0 for special tokens and ids the tokenizer lacks).
+
+        Raises:
+          ConfigError: the tokenizer is not a byte-level BPE.
+        """
+        try:
+            return token_byte_lengths(self.tokenizer, _config_value(self.model, "vocab_size"))
+        except ValueError as e:
+            raise ConfigError(f"task.model={self.task.model!r}: {e}") from None
+
+    def next_token_fns(self, byte_lengths: Any = None) -> tuple[Any, Any]:
         """``(loss_fn, metric_fn)`` on :meth:`lm_batch` batches: next-token cross-entropy
-        (nats) over real targets; bits per token and next-token accuracy."""
+        (nats) over real targets; bits per token and next-token accuracy, and bits per byte
+        when ``byte_lengths`` (:meth:`byte_lengths`) is given."""
+        metrics = next_token_metrics
+        if byte_lengths is not None:
+            metrics = functools.partial(next_token_byte_metrics, byte_lengths=byte_lengths)
 
         def on_inputs(make):
             def fn(meta_params, batch):
@@ -308,7 +325,7 @@ class Pretrained:
 
             return fn
 
-        return on_inputs(next_token_loss), on_inputs(next_token_metrics)
+        return on_inputs(next_token_loss), on_inputs(metrics)
 
     def lm_input(self, tokens: Any) -> Any:
         """A next-token model input: the tokens, or ``(tokens, states)`` with a frozen trunk
@@ -346,6 +363,73 @@ class Pretrained:
         if not self.task.freeze_base:
             return None
         return lambda tx: freeze_base(tx, self.task.adapt)
+
+
+@functools.cache
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (``bytes_to_unicode``) inverted: each of the 256 characters a
+    byte-level BPE writes its tokens in, to the byte it stands for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    char_of = {b: chr(b) for b in printable}
+    # The other bytes (controls, space, ...) take the characters from 256 up, in byte order.
+    char_of |= {b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in char_of)}
+    return {c: b for b, c in char_of.items()}
+
+
+def token_byte_lengths(tokenizer: Any, size: int | None = None) -> np.ndarray:
+    """int32 ``(size,)``: the UTF-8 bytes each token id spells in a text, so a text's bytes are
+    the table summed over its ids.
+
+    A byte-level BPE token stands for the bytes its characters map back to through GPT-2's
+    ``bytes_to_unicode`` (often part of a character: decoding the id alone would give U+FFFD);
+    an added token for its text as matched in the input; a special token (start, end, padding)
+    for none; ids the tokenizer lacks, up to ``size`` (a model's padded vocabulary), for none.
+
+    Args:
+      tokenizer: a ``tokenizers.Tokenizer`` with a ``ByteLevel`` decoder, or a wrapper holding
+        one as ``.tokenizer`` (:class:`metajax.models.pretrained.PretrainedTokenizer`).
+      size: the table's length; default the tokenizer's vocabulary size.
+
+    Raises:
+      ValueError: not a byte-level BPE tokenizer, a token outside its alphabet, or ``size``
+        below the tokenizer's ids.
+    """
+    inner = _byte_level(tokenizer)
+    vocab = inner.get_vocab(with_added_tokens=True)
+    size = inner.get_vocab_size(with_added_tokens=True) if size is None else size
+    if vocab and max(vocab.values()) >= size:
+        raise ValueError(f"size={size} is below the tokenizer's ids (up to {max(vocab.values())}).")
+    lengths = np.zeros(size, np.int32)
+    added = inner.get_added_tokens_decoder()
+    for token, i in vocab.items():
+        if i in added:
+            lengths[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+        else:
+            lengths[i] = len(_decoded(token, i))
+    return lengths
+
+
+def _byte_level(tokenizer: Any) -> Any:
+    from tokenizers import decoders
+
+    inner = getattr(tokenizer, "tokenizer", tokenizer)
+    if not isinstance(inner.decoder, decoders.ByteLevel):
+        raise ValueError(
+            "bits per byte needs a byte-level BPE tokenizer (GPT-2, Llama 3, Qwen2, SmolLM2); "
+            f"this one decodes with {type(inner.decoder).__name__}."
+        )
+    return inner
+
+
+def _decoded(token: str, token_id: int) -> bytes:
+    byte_of = _byte_of_char()
+    try:
+        return bytes(byte_of[c] for c in token)
+    except KeyError:
+        raise ValueError(
+            f"token {token_id} {token!r} has characters outside the byte-level alphabet."
+        ) from None
 
 
 def freeze_base(

@@ -8,9 +8,12 @@ their families are never seen in meta-training. The model (``task.model``):
   (vocabulary :data:`metajax.tasks.words.VOCAB_SIZE`); the metric is the query bits per byte.
 - a pretrained model (:mod:`metajax.run.pretrained_choice`): the same words encoded by its
   tokenizer as ``start word end`` (:class:`metajax.tasks.text_encoding.WordTokens`), LoRA
-  factors meta-learned; the metrics are bits per token and next-token accuracy. Batches are
-  ``(tokens, mask)``, or ``((tokens, states), mask)`` with the frozen trunk's states when
-  ``task.trainable_blocks`` is set; a user's support and query sets are lists of strings.
+  factors meta-learned; the metrics are the query bits per byte (every target's information,
+  the end token's included, over the UTF-8 bytes of the word's tokens, as the scratch
+  metric: comparable across tokenizers and with the byte-level model; needs a byte-level BPE
+  tokenizer), bits per token and next-token accuracy. Batches are ``(tokens, mask)``, or
+  ``((tokens, states), mask)`` with the frozen trunk's states when ``task.trainable_blocks``
+  is set; a user's support and query sets are lists of strings.
 
 ``words_langid`` shares :class:`WordsTask` and :func:`check` (scratch only).
 """
@@ -116,7 +119,7 @@ def build(config: Config) -> Setup:
         t = tokens(x, task.max_len)
         return t, jnp.asarray(words.target_mask(np.asarray(t)))
 
-    train, test = _sources(task, seed)
+    train, test = word_sources(task, seed)
     return Setup(
         params=params,
         loss_fn=next_token_loss(model.apply),
@@ -131,7 +134,11 @@ def build(config: Config) -> Setup:
     )
 
 
-def _sources(task: WordsTask, seed: int) -> tuple[words.LanguageModeling, words.LanguageModeling]:
+def word_sources(
+    task: WordsTask, seed: int
+) -> tuple[words.LanguageModeling, words.LanguageModeling]:
+    """The byte-level ``(meta-train, evaluated)`` task sources of a task config: the words
+    every model of the family learns and is scored on (a pretrained model re-encodes them)."""
     common = dict(
         shots=task.shots,
         queries=task.queries,
@@ -159,10 +166,10 @@ def _build_pretrained(config: Config, task: WordsTask) -> Setup:
         del y  # the targets are the next tokens
         return pre.lm_batch(*encoded(x))
 
-    loss_fn, metric_fn = pre.next_token_fns()
+    loss_fn, metric_fn = pre.next_token_fns(pre.byte_lengths())
     train, test = (
         MappedSource(WordTokens(s, encoder), lambda b: pre.lm_batch(*b))
-        for s in _sources(task, config.train.seed)
+        for s in word_sources(task, config.train.seed)
     )
     return Setup(
         params=pre.meta_params,
