@@ -26,6 +26,7 @@ from fewrel_lexical import accuracy as word_overlap  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAPTING = {"maml": "second-order MAML", "fomaml": "FOMAML", "reptile": "Reptile"}
+STEP_COLUMNS = (0, 1, 2, 5, 10)
 NAMES = {"protonets": "ProtoNets", **ADAPTING}
 
 
@@ -38,7 +39,8 @@ def read(path: Path) -> dict | None:
 
 
 def run_rows(runs: Path, suffix: str) -> dict:
-    """``{algo: (accuracy by step, ci by step, chosen steps, choice)}`` of the runs found."""
+    """``{algo: (accuracy by step, ci by step, chosen steps, choice, test tasks)}`` of the
+    runs found."""
     rows = {}
     for algo in NAMES:
         result = read(runs / f"sm_5w1s_{algo}" / f"eval{suffix}.json")
@@ -47,11 +49,12 @@ def run_rows(runs: Path, suffix: str) -> dict:
         acc = result["metrics"]["accuracy"]
         choice = read(runs / f"sm_5w1s_{algo}" / f"validation{suffix}" / "choice.json")
         best = choice["best"] if choice else {"adaptation_steps": len(acc["mean"]) - 1}
-        rows[algo] = (acc["mean"], acc["ci95"], best.get("adaptation_steps", 0), best)
+        steps = best.get("adaptation_steps", 0)
+        rows[algo] = (acc["mean"], acc["ci95"], steps, best, result["num_tasks"])
     return rows
 
 
-def row(name: str, chosen: str, main: str, by_step=("-",) * 4) -> str:
+def row(name: str, chosen: str, main: str, by_step=("-",) * len(STEP_COLUMNS)) -> str:
     return f"| {name} | {chosen} | **{main}** | " + " | ".join(by_step) + " |"
 
 
@@ -62,19 +65,20 @@ def table(title, rows, finetune, frozen, overlap) -> list[str]:
             "run",
             "chosen on validation",
             "accuracy at the chosen steps",
-            ("0 steps", "1", "2", "5"),
+            ("0 steps", *map(str, STEP_COLUMNS[1:])),
         ).replace("**", "")
     )
-    lines.append("|---" * 7 + "|")
-    for algo, (mean, ci, k, best) in rows.items():
+    lines.append("|---" * (3 + len(STEP_COLUMNS)) + "|")
+    for algo, (mean, ci, k, best, tasks) in rows.items():
         chosen = f"checkpoint {best.get('step', '-')}, rate {best.get('rate') or '-'}, {k} steps"
-        by_step = [cell(mean[s], ci[s]) if s < len(mean) else "-" for s in (0, 1, 2, 5)]
+        chosen += f"; {tasks} test tasks"
+        by_step = [cell(mean[s], ci[s]) if s < len(mean) else "-" for s in STEP_COLUMNS]
         lines.append(
             row(f"{NAMES[algo]} (LoRA, top 2 blocks)", chosen, cell(mean[k], ci[k]), by_step)
         )
     if finetune:
         mean, ci, k = finetune["test"]["mean"], finetune["test"]["ci95"], finetune["steps"]
-        by_step = [cell(mean[s], ci[s]) for s in (0, 1, 2, 5)]
+        by_step = [cell(mean[s], ci[s]) if s < len(mean) else "-" for s in STEP_COLUMNS]
         chosen = f"rate {finetune['rate']}, {k} steps"
         lines.append(
             row(
@@ -97,7 +101,7 @@ def table(title, rows, finetune, frozen, overlap) -> list[str]:
 
 def figure(rows, finetune, frozen, overlap, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for algo, (mean, ci, _, _) in rows.items():
+    for algo, (mean, ci, _, _, _) in rows.items():
         steps = range(len(mean))
         if len(mean) == 1:
             ax.axhline(100 * mean[0], color="C3", ls="--", label=f"{NAMES[algo]} (no steps)")
@@ -114,7 +118,7 @@ def figure(rows, finetune, frozen, overlap, path: Path) -> None:
     ax.axhline(100 * overlap[0], color="C8", ls="--", label="word overlap")
     ax.axhline(20, color="k", lw=0.5)
     ax.set_xlabel("adaptation steps on the support set")
-    ax.set_ylabel("query accuracy on news, % (MAML and fine-tuned: 300 tasks, others 600)")
+    ax.set_ylabel("query accuracy on news, %")
     ax.set_title("FewRel 5-way 1-shot, Wikipedia/SemEval to news: SmolLM2-135M")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -140,7 +144,7 @@ def main():
                 f"layer {c['layer']}, {c['pool']}, {c['distance']}",
             )
         overlap = word_overlap("cross_domain", shots, "test")
-        title = f"Cross-domain 5-way {shots}-shot (test: the 25 news relations, 600 tasks)"
+        title = f"Cross-domain 5-way {shots}-shot (test: the 25 news relations)"
         print("\n".join(table(title, rows, finetune, frozen, overlap)) + "\n")
         if shots == 1:
             figure(rows, finetune, frozen, overlap, RESULTS / "fewrel_smollm2_steps.png")

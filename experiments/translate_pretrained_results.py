@@ -1,0 +1,130 @@
+"""The table and figure of translation with SmolLM2-135M on the Latin-script test group.
+
+Reads, under RUNS (default ``runs``), ``tr_sm_<k>_<algo>/eval.json`` of the
+``translate:smollm2_<k>_<algo>`` runs, and the baselines' file written by
+``experiments/translate_baselines.py`` (copying the English name, in-context learning with
+the same model). Prints one Markdown row per run and baseline (chrF and exact match at the
+scored step counts, bits per target token) and writes
+``experiments/results/translate_smollm2_latin.png``: chrF against adaptation steps, the
+baselines as horizontal lines::
+
+    .venv/bin/python experiments/translate_pretrained_results.py runs \
+        --baselines runs/translate_icl_latin.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAMES = {"maml": "second-order MAML", "fomaml": "FOMAML", "reptile": "Reptile",
+         "pretrain": "fine-tuned on pooled pairs"}  # fmt: skip
+BASELINES = {"copy": "copy the English name", "icl": "in-context learning"}
+
+
+def cell(mean: float, ci: float, scale: float = 1.0) -> str:
+    return "-" if math.isnan(mean) else f"{scale * mean:.2f} ± {scale * ci:.2f}"
+
+
+def runs_found(runs: Path) -> dict[tuple[int, str], dict]:
+    found = {}
+    for shots in (8, 32):
+        for algo in NAMES:
+            path = runs / f"tr_sm_{shots}_{algo}" / "eval.json"
+            if path.is_file():
+                found[shots, algo] = json.loads(path.read_text())
+    return found
+
+
+def scored(result: dict) -> list[int]:
+    """The step counts whose chrF was scored (the others are NaN in eval.json)."""
+    chrf = result["metrics"]["chrf"]["mean"]
+    return [s for s, v in zip(result["adaptation_steps"], chrf) if not math.isnan(v)]
+
+
+def table(found: dict, baselines: list[dict]) -> list[str]:
+    lines = [
+        "| K | run | test tasks | chrF at each scored step count | exact match, last |"
+        " bits per token, 0 steps | last |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (shots, algo), result in found.items():
+        m = result["metrics"]
+        steps = scored(result)
+        chrf = ", ".join(f"{s}: {cell(m['chrf']['mean'][s], m['chrf']['ci95'][s])}" for s in steps)
+        last = steps[-1]
+        bits = m["bits_per_token"]
+        first, final = (
+            cell(bits["mean"][0], bits["ci95"][0]),
+            cell(bits["mean"][-1], bits["ci95"][-1]),
+        )
+        lines.append(
+            f"| {shots} | {NAMES[algo]} (LoRA, top 2 blocks) | {result['num_tasks']} | {chrf} | "
+            f"{cell(m['exact_match']['mean'][last], m['exact_match']['ci95'][last], 100)} % | "
+            f"{first} | {final} |"
+        )
+    for result in baselines:
+        for method, summary in result["methods"].items():
+            chrf, exact = summary["chrf"], summary["exact_match"]
+            lines.append(
+                f"| {result['shots']} | {BASELINES[method]} | {result['num_tasks']} | "
+                f"{cell(chrf['mean'], chrf['ci95'])} | "
+                f"{cell(exact['mean'], exact['ci95'], 100)} % | - | - |"
+            )
+    return lines
+
+
+def figure(found: dict, baselines: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n, ((shots, algo), result) in enumerate(found.items()):
+        steps = scored(result)
+        chrf = result["metrics"]["chrf"]
+        ax.errorbar(
+            steps, [chrf["mean"][s] for s in steps], yerr=[chrf["ci95"][s] for s in steps],
+            marker="o", ms=3, capsize=2, color=f"C{n}", label=f"{NAMES[algo]}, K = {shots}",
+        )  # fmt: skip
+    styles = {"copy": ("C7", ":"), "icl": ("C3", "--")}
+    for result in baselines:
+        for method, summary in result["methods"].items():
+            color, ls = styles[method]
+            ax.axhline(
+                summary["chrf"]["mean"], color=color, ls=ls, lw=1 + (result["shots"] > 8),
+                label=f"{BASELINES[method]}, K = {result['shots']}",
+            )  # fmt: skip
+    ax.set_xlabel("adaptation steps on the K support pairs")
+    ax.set_ylabel("chrF of greedy translations (0 to 100)")
+    ax.set_title("English to held-out Latin-script languages: SmolLM2-135M")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", type=Path, nargs="?", default=Path("runs"))
+    parser.add_argument("--baselines", type=Path, nargs="*", default=[])
+    args = parser.parse_args()
+    found = runs_found(args.runs)
+    baselines = [
+        r
+        for path in args.baselines
+        for r in json.loads(path.read_text())["results"]
+        if r["group"] == "latin"
+    ]
+    if not found and not baselines:
+        raise SystemExit(f"no tr_sm_<k>_<algo>/eval.json under {args.runs} and no baselines")
+    print("\n".join(table(found, baselines)))
+    figure(found, baselines, RESULTS / "translate_smollm2_latin.png")
+
+
+if __name__ == "__main__":
+    main()
