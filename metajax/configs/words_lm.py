@@ -112,26 +112,34 @@ def _pretrained_variant(variant: str, prefix: str, algorithms: tuple) -> tuple[b
     return tiny, algo
 
 
+def _tiny(algo: str, model: str, trainable_blocks: int | None = None) -> tuple:
+    """``(algorithm, optimizer, task, train, eval)`` of a seconds-long smoke test on a committed
+    random fixture: a few meta-steps (meta_batch 8 divides the tests' 8 fake devices)."""
+    algo_cfg, opt = algorithm(algo, 1, 0.5)
+    if algo == "reptile":
+        algo_cfg = dataclasses.replace(algo_cfg, inner_steps=2)
+    else:
+        opt = dataclasses.replace(opt, lr=1e-2)
+    task = WordsTask(
+        shots=2,
+        queries=2,
+        max_len=12,
+        num_words=200,
+        model=model,
+        trainable_blocks=trainable_blocks,
+        lora_rank=2,
+        lora_alpha=4.0,
+    )
+    train = TrainConfig(steps=3, meta_batch=8, log_every=3, checkpoint_every=3)
+    evaluation = EvalConfig(num_tasks=8, inner_steps=1, chunk=8, table_steps=(0, 1))
+    return algo_cfg, opt, task, train, evaluation
+
+
 def _gpt2(variant: str) -> Config:
     """``gpt2_<algo>`` and ``gpt2_tiny[_<algo>]``: LoRA factors of a pretrained GPT-2."""
     tiny, algo = _pretrained_variant(variant, "gpt2_", GPT2_ALGORITHMS)
     if tiny:
-        algo_cfg, opt = algorithm(algo, 1, 0.5)
-        if algo == "reptile":
-            algo_cfg = dataclasses.replace(algo_cfg, inner_steps=2)
-        else:
-            opt = dataclasses.replace(opt, lr=1e-2)
-        task = WordsTask(
-            shots=2,
-            queries=2,
-            max_len=12,
-            num_words=200,
-            model=checkout_fixture("gpt2_tiny"),
-            lora_rank=2,
-            lora_alpha=4.0,
-        )
-        train = TrainConfig(steps=3, meta_batch=8, log_every=3, checkpoint_every=3)
-        evaluation = EvalConfig(num_tasks=8, inner_steps=1, chunk=8, table_steps=(0, 1))
+        algo_cfg, opt, task, train, evaluation = _tiny(algo, checkout_fixture("gpt2_tiny"))
     else:
         algo_cfg, opt = algorithm(algo, 1, 0.1)
         if algo == "reptile":
@@ -154,24 +162,9 @@ def _smollm2(variant: str) -> Config:
     """``smollm2_<algo>``: LoRA factors of SmolLM2-135M's top 2 blocks over a frozen, cached
     trunk; ``smollm2_tiny[_<algo>]``: the same on the committed random tiny Llama."""
     tiny, algo = _pretrained_variant(variant, "smollm2_", ALGORITHMS)
-    if tiny:  # seconds: a few meta-steps (meta_batch 8 divides the tests' 8 fake devices)
-        algo_cfg, opt = algorithm(algo, 1, 0.5)
-        if algo == "reptile":
-            algo_cfg = dataclasses.replace(algo_cfg, inner_steps=2)
-        else:
-            opt = dataclasses.replace(opt, lr=1e-2)
-        task = WordsTask(
-            shots=2,
-            queries=2,
-            max_len=12,
-            num_words=200,
-            model=f"{checkout_fixture('llama_tiny')}/llama.q8_0.gguf",
-            trainable_blocks=1,
-            lora_rank=2,
-            lora_alpha=4.0,
-        )
-        train = TrainConfig(steps=3, meta_batch=8, log_every=3, checkpoint_every=3)
-        evaluation = EvalConfig(num_tasks=8, inner_steps=1, chunk=8, table_steps=(0, 1))
+    if tiny:
+        llama = f"{checkout_fixture('llama_tiny')}/llama.q8_0.gguf"
+        algo_cfg, opt, task, train, evaluation = _tiny(algo, llama, trainable_blocks=1)
     else:
         algo_cfg, opt = algorithm(algo, 1, 0.01)
         if algo == "reptile":  # as gpt2_reptile: 3 steps already differ from joint training
