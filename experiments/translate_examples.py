@@ -8,7 +8,12 @@ Markdown table goes to stdout::
         "MAML=runs/translate_8_maml" "baseline=runs/translate_8_pretrain@0.3"
 
 Each argument is LABEL=WORKDIR, optionally @RATE to adapt at another inner rate than the
-run's (the baseline's rate chosen on the validation languages).
+run's (the baseline's rate chosen on the validation languages), or LABEL=icl:MODEL for
+in-context learning with a pretrained model (``experiments/translate_baselines.py``: the K
+pairs as a prompt). ``--group latin`` draws the Latin-script test languages::
+
+    .venv/bin/python experiments/translate_examples.py --group latin \
+        "FOMAML=runs/tr_sm_8_fomaml" "in-context=icl:smollm2-135m"
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import dataclasses
 
 import numpy as np
+from translate_baselines import language_name, load_translator
 
 from metajax.run import predict
 from metajax.run.workdir import read_config
@@ -25,15 +31,26 @@ from metajax.tasks import translate
 QUERIES = ("Germany", "Japan", "Spanish")
 
 
-def load(spec: str):
+def load(spec: str, shots: int, steps: int):
+    """``(label, translate(lang, support, sources) -> outputs)`` of one LABEL=... argument."""
     label, _, where = spec.partition("=")
+    if where.startswith("icl:"):
+        translator = load_translator(where.removeprefix("icl:"), max_new_tokens=32)
+        return label, lambda lang, support, sources: translator.translate(
+            support, language_name(lang), sources
+        )
     workdir, _, rate = where.partition("@")
     config = read_config(workdir)
     if rate:
         config = dataclasses.replace(
             config, algorithm=dataclasses.replace(config.algorithm, inner_lr=float(rate))
         )
-    return label, predict.load(workdir, config), config
+    if config.task.shots != shots:
+        raise SystemExit(f"{workdir}: trained with K = {config.task.shots}, not --shots {shots}")
+    model = predict.load(workdir, config)
+    return label, lambda lang, support, sources: model.adapt_and_predict(
+        support, None, sources, steps=steps
+    )
 
 
 def support_and_queries(lang: str, shots: int, max_len: int, seed: int = 0):
@@ -50,17 +67,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="LABEL=WORKDIR[@RATE]")
     parser.add_argument("--steps", type=int, default=10, help="adaptation steps")
+    parser.add_argument("--shots", type=int, default=8, help="support pairs (the runs' K)")
+    parser.add_argument("--max-len", type=int, default=64, help="bytes of a support pair")
+    parser.add_argument("--group", choices=translate.TEST_GROUPS, default="new_script")
     args = parser.parse_args()
-    models = [load(spec) for spec in args.runs]
-    shots, max_len = models[0][2].task.shots, models[0][2].task.max_len
-    labels = [label for label, _, _ in models]
+    models = [load(spec, args.shots, args.steps) for spec in args.runs]
+    labels = [label for label, _ in models]
     print(f"| language | English | CLDR name | {' | '.join(labels)} |")
     print("|---|---|---|" + "---|" * len(labels))
-    for lang in translate.language_split()["test"]:
-        support, queries = support_and_queries(lang, shots, max_len)
+    for lang in translate.language_split(args.group)["test"]:
+        support, queries = support_and_queries(lang, args.shots, args.max_len)
         outputs = [
-            model.adapt_and_predict(support, None, [s for s, _ in queries], steps=args.steps)
-            for _, model, _ in models
+            translate_fn(lang, support, [s for s, _ in queries]) for _, translate_fn in models
         ]
         for i, (source, target) in enumerate(queries):
             cells = " | ".join(repr(out[i]) for out in outputs)
