@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAMES = {"maml": "second-order MAML", "fomaml": "FOMAML", "reptile": "Reptile",
@@ -65,6 +66,7 @@ def main():
             print(f"| {IN_CONTEXT[method]} | {icl['num_tasks']} | "
                   f"{cell(bpb['mean'], bpb['ci95'])} | - | - | - | - |")  # fmt: skip
             ax.axhline(bpb["mean"], color=color, ls="--", label=IN_CONTEXT[method])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("adaptation steps on the K support words")
     ax.set_ylabel("query bits per byte (lower is better)")
     ax.set_title("Words of held-out language families: SmolLM2-135M")
