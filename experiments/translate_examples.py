@@ -77,6 +77,8 @@ def main():
     print("|---|---|---|" + "---|" * len(labels))
     for lang in translate.language_split(args.group)["test"]:
         support, queries = support_and_queries(lang, args.shots, args.max_len)
+        if not queries:  # none of QUERIES is among this language's names
+            continue
         outputs = [
             translate_fn(lang, support, [s for s, _ in queries]) for _, translate_fn in models
         ]
