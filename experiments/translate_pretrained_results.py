@@ -123,7 +123,8 @@ def main():
     if not found and not baselines:
         raise SystemExit(f"no tr_sm_<k>_<algo>/eval.json under {args.runs} and no baselines")
     print("\n".join(table(found, baselines)))
-    figure(found, baselines, RESULTS / "translate_smollm2_latin.png")
+    if found:  # without a run the figure would be the baselines' lines alone
+        figure(found, baselines, RESULTS / "translate_smollm2_latin.png")
 
 
 if __name__ == "__main__":
