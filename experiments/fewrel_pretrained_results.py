@@ -27,6 +27,7 @@ from fewrel_lexical import accuracy as word_overlap  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAPTING = {"maml": "second-order MAML", "fomaml": "FOMAML", "reptile": "Reptile"}
 STEP_COLUMNS = (0, 1, 2, 5, 10)
+NO_STEPS = ("-",) * len(STEP_COLUMNS)
 NAMES = {"protonets": "ProtoNets", **ADAPTING}
 
 
@@ -54,7 +55,7 @@ def run_rows(runs: Path, suffix: str) -> dict:
     return rows
 
 
-def row(name: str, chosen: str, main: str, by_step=("-",) * len(STEP_COLUMNS)) -> str:
+def row(name: str, chosen: str, main: str, by_step=NO_STEPS) -> str:
     return f"| {name} | {chosen} | **{main}** | " + " | ".join(by_step) + " |"
 
 
