@@ -5,6 +5,7 @@ import itertools
 import json
 
 import pytest
+from conftest import needs_data
 
 from metajax.run import cli, logs, plots
 from metajax.run import loop as runner
@@ -55,6 +56,7 @@ def test_the_table_names_the_evaluated_split(tmp_path):
     assert lines[0].startswith("Held-out evaluation on 2 validation tasks")
 
 
+@needs_data("fewrel")  # the other splits' files come from the data folder
 def test_fewrel_missing_absolute_file_suggests_no_data_folder(tmp_path):
     from metajax.run.families import fewrel as family
 

@@ -5,6 +5,7 @@ The models are built from their configs, not trained: the checks run before adap
 
 import numpy as np
 import pytest
+from conftest import needs_data
 
 from metajax.run.build import build
 from metajax.run.config_files import load_config
@@ -24,6 +25,7 @@ def omniglot():
 IMAGES = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
 
 
+@needs_data("omniglot")
 @pytest.mark.parametrize(
     ("labels", "message"),
     [
@@ -41,6 +43,7 @@ def test_support_labels_are_checked(omniglot, labels, message):
         omniglot.adapt_and_predict(IMAGES, labels, IMAGES)
 
 
+@needs_data("omniglot")
 def test_images_of_another_size_name_the_trained_shape(omniglot):
     big = np.zeros((5, 32, 32, 1), np.uint8)
     labels = np.arange(5)

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from conftest import needs_data
 
 from metajax.run import cli, predict
 from metajax.run.config import ConfigError
@@ -49,6 +50,7 @@ def test_adapt_and_predict_equals_adapting_by_hand(sinusoid_run):
     assert support_mse(10) < support_mse(0)
 
 
+@needs_data("omniglot")
 def test_protonets_adapt_and_predict_classifies_its_own_support(tmp_path):
     workdir = tmp_path / "proto"
     assert cli.main(["train", "omniglot:tiny_protonets", "--workdir", str(workdir), *QUIET]) == 0
