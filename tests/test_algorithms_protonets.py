@@ -9,7 +9,13 @@ import pytest
 from toy import take_task
 
 import metajax as mj
-from metajax.algorithms import Prototypes, protonet_logits, protonets
+from metajax.algorithms import (
+    Prototypes,
+    centered_cosine,
+    protonet_logits,
+    protonets,
+    squared_euclidean,
+)
 
 WAYS, SHOTS, QUERIES, DIM = 3, 2, 4, 3
 
@@ -103,3 +109,69 @@ def test_adapt_returns_prototypes_for_prediction():
     np.testing.assert_array_equal(trace[0], adapted.prototypes)
     with pytest.raises(ValueError, match="no inner steps"):
         algo.adapt(params, task.support, steps=1)
+
+
+def numpy_centered_cosine(queries, prototypes, scale):
+    center = prototypes.mean(axis=0)
+    q, p = queries - center, prototypes - center
+    cos = (q @ p.T) / np.outer(np.linalg.norm(q, axis=1), np.linalg.norm(p, axis=1))
+    return -scale * cos
+
+
+def test_centered_cosine_matches_numpy_and_ignores_a_shared_offset_and_scale():
+    rng = np.random.default_rng(4)
+    queries, prototypes = rng.normal(size=(7, 5)), rng.normal(size=(3, 5))
+    distance = centered_cosine(4.0)
+    want = numpy_centered_cosine(queries, prototypes, 4.0)
+    np.testing.assert_allclose(distance(queries, prototypes), want, rtol=1e-5, atol=1e-6)
+    # What it is for: states sharing a large common direction, at any norm.
+    offset = 50.0 * rng.normal(size=(5,))
+    shifted = distance(3.0 * queries + offset, 3.0 * prototypes + offset)
+    np.testing.assert_allclose(shifted, want, rtol=1e-4, atol=1e-4)
+    # Squared Euclidean distances change under the same offset-free rescaling.
+    assert not np.allclose(squared_euclidean(3.0 * queries, 3.0 * prototypes),
+                           squared_euclidean(queries, prototypes))  # fmt: skip
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        centered_cosine(0.0)
+    with pytest.raises(ValueError, match="unknown distance 'cosine'"):
+        protonets(embed, ways=WAYS, distance="cosine")
+
+
+def test_centered_cosine_loss_and_gradient_against_numpy_and_finite_at_the_center():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        w, b = rng.normal(size=(DIM, 4)) * 0.7, rng.normal(size=(4,)) * 0.1
+        tasks = make_tasks(6, num_tasks=1)
+        task = take_task(tasks, 0)
+        algo = protonets(embed, ways=WAYS, distance="centered_cosine", cosine_scale=3.0)
+
+        def numpy_loss(w):
+            (xs, ys), (xq, yq) = task
+            emb_s, emb_q = np.tanh(xs @ w + b), np.tanh(xq @ w + b)
+            protos = np.stack([emb_s[ys == c].mean(axis=0) for c in range(WAYS)])
+            logits = -numpy_centered_cosine(emb_q, protos, 3.0)
+            log_z = np.log(np.exp(logits).sum(axis=1))
+            return np.mean(log_z - logits[np.arange(len(yq)), yq])
+
+        params = {"w": jnp.array(w), "b": jnp.array(b)}
+        grads, metrics = algo.meta_grad(params, tasks)
+        loss, grad = metrics["loss_after"], grads["w"]
+        fd = np.zeros_like(w)
+        for idx in np.ndindex(w.shape):
+            plus, minus = w.copy(), w.copy()
+            plus[idx] += 1e-6
+            minus[idx] -= 1e-6
+            fd[idx] = (numpy_loss(plus) - numpy_loss(minus)) / 2e-6
+        np.testing.assert_allclose(loss, numpy_loss(w), rtol=1e-10)
+        np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8)
+        # Two identical prototypes both equal the 2-way center: zero vectors, finite gradient.
+        same = jnp.ones((2, 4))
+        g = jax.grad(lambda p: centered_cosine()(jnp.ones((1, 4)) * 2.0, p).sum())(same)
+        assert np.all(np.isfinite(g))
+
+
+def test_the_runner_names_the_same_distances():
+    from metajax.algorithms.protonets import DISTANCES
+    from metajax.run.config import DISTANCES as RUNNER_DISTANCES
+
+    assert RUNNER_DISTANCES == DISTANCES

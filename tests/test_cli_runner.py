@@ -184,6 +184,7 @@ def test_algorithm_table_declares_the_settings_each_function_takes():
         ("imaml", "remat", True, "imaml takes no 'remat'"),
         ("maml", "inner_batch", 4, "maml takes no 'inner_batch'"),
         ("protonets", "inner_steps", 3, "protonets takes no 'inner_steps'"),
+        ("maml", "distance", "centered_cosine", "maml takes no 'distance'"),
     ]
     for name, field, value, message in refused:
         cfg = experiment.AlgorithmConfig(name=name, **{field: value})

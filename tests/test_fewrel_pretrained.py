@@ -227,7 +227,7 @@ def test_cli_tiny_trains_evaluates_and_predicts(tmp_path):
 
 
 @needs_data("fewrel")
-@pytest.mark.parametrize("algo", ["maml", "protonets"])
+@pytest.mark.parametrize("algo", ["maml", "protonets", "cosine"])
 def test_cli_smollm2_tiny_variants_train_on_the_tiny_llama(tmp_path, algo):
     # The SmolLM2 configs' settings (frozen trunk, LoRA, end-marker pooling) on the committed
     # random tiny Llama GGUF.
@@ -242,6 +242,32 @@ def test_cli_smollm2_tiny_variants_train_on_the_tiny_llama(tmp_path, algo):
     assert result["adaptation_steps"] == ([0, 1, 2] if algo == "maml" else [0])
     config = json.loads((workdir / "config.json").read_text())
     assert config["task"]["trainable_blocks"] == 1 and config["task"]["pool"] == "end"
+    distance = {"cosine": "centered_cosine"}.get(algo, "squared_euclidean")
+    assert config["algorithm"]["distance"] == distance
+
+
+@needs_data("fewrel")
+def test_cosine_variant_trains_and_predicts_by_centered_cosine():
+    # Training (the algorithm's loss) and prediction (the evaluator) use the same distance.
+    exp = build_experiment(load_config("fewrel:smollm2_tiny_cosine"))
+    task = jax.tree.map(lambda a: a[0], exp.setup.eval_source.sample(0, 1))
+    adapted = exp.algo.adapt(exp.params, task.support)
+    x, labels = task.query
+    features = exp.setup.embedding.apply_fn(exp.params, x)
+    want = 10.0 * _centered_cosines(np.asarray(features), np.asarray(adapted.prototypes))
+    logits = exp.evaluator.predict_fn(adapted, x)
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+    log_p = want - np.log(np.exp(want).sum(axis=1, keepdims=True))
+    tasks = jax.tree.map(lambda a: a[None], task)
+    _, metrics = exp.algo.meta_grad(exp.params, tasks)
+    want_loss = -log_p[np.arange(len(labels)), np.asarray(labels)].mean()
+    assert float(metrics["loss_after"]) == pytest.approx(want_loss, rel=1e-4)
+
+
+def _centered_cosines(queries, prototypes):
+    center = prototypes.mean(axis=0)
+    q, p = queries - center, prototypes - center
+    return (q @ p.T) / np.outer(np.linalg.norm(q, axis=1), np.linalg.norm(p, axis=1))
 
 
 @pytest.mark.parametrize(

@@ -123,6 +123,9 @@ def test_eval_of_a_chosen_checkpoint_into_another_file(tmp_path, capsys):
         (["train.meta_batch=12"], "12 tasks does not divide over 8 devices"),
         (["algorithm.inner_optimizer=adamm"], "is not an optax optimizer"),
         (["algorithm.name=mamll"], "did you mean maml"),
+        (["algorithm.distance=cosine"], "did you mean centered_cosine"),
+        (["algorithm.cosine_scale=-1"], "algorithm.cosine_scale=-1.0 must be > 0"),
+        (["algorithm.cosine_scale=5"], "scales centered_cosine only"),
     ],
 )
 def test_config_errors_are_one_line_and_write_nothing(tmp_path, capsys, sets, message):

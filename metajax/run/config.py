@@ -52,6 +52,9 @@ class AlgorithmConfig:
       reg: imaml: proximal regularisation strength (> 0).
       cg_steps: imaml: conjugate-gradient iterations.
       inner_batch: reptile: support examples per inner step in meta-training (none: all).
+      distance: protonets: squared_euclidean (the paper's) or centered_cosine (cosine after
+        subtracting the task's mean prototype, times cosine_scale).
+      cosine_scale: protonets: the logit scale of centered_cosine (> 0).
     """
 
     name: str = "maml"
@@ -73,6 +76,8 @@ class AlgorithmConfig:
     reg: float = 1.0
     cg_steps: int = 5
     inner_batch: int | None = None
+    distance: str = "squared_euclidean"
+    cosine_scale: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +170,8 @@ class Config:
 
 
 SCHEDULES = ("constant", "linear", "cosine")
+# ProtoNets' named distances (metajax.algorithms.protonets.DISTANCES; this module imports no jax).
+DISTANCES = ("squared_euclidean", "centered_cosine")
 
 
 def require_positive(section: Any, *names: str, prefix: str = "task") -> None:
@@ -217,6 +224,18 @@ def validate(config: Config) -> None:
         raise ConfigError(f"algorithm.inner_steps={ac.inner_steps} must be >= 1.")
     if not ac.inner_lr > 0:
         raise ConfigError(f"algorithm.inner_lr={ac.inner_lr} must be > 0.")
+    if ac.distance not in DISTANCES:
+        raise ConfigError(
+            f"algorithm.distance={ac.distance!r}: unknown{suggest(ac.distance, DISTANCES)}; "
+            f"choose one of {', '.join(DISTANCES)}."
+        )
+    if not ac.cosine_scale > 0:
+        raise ConfigError(f"algorithm.cosine_scale={ac.cosine_scale} must be > 0.")
+    if ac.cosine_scale != AlgorithmConfig.cosine_scale and ac.distance != "centered_cosine":
+        raise ConfigError(
+            f"algorithm.cosine_scale={ac.cosine_scale} scales centered_cosine only; "
+            f"algorithm.distance is {ac.distance!r}."
+        )
     for name in ("task_batch", "inner_batch"):
         value = getattr(ac, name)
         if value is not None and value < 1:
