@@ -28,7 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ADAPTING = {"maml": "second-order MAML", "fomaml": "FOMAML", "reptile": "Reptile"}
 STEP_COLUMNS = (0, 1, 2, 5, 10)
 NO_STEPS = ("-",) * len(STEP_COLUMNS)
-NAMES = {"protonets": "ProtoNets", **ADAPTING}
+NAMES = {"protonets": "ProtoNets", "cosine": "ProtoNets by centered cosine", **ADAPTING}
 
 
 def cell(mean: float, ci: float) -> str:
@@ -39,16 +39,20 @@ def read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_rows(runs: Path, suffix: str) -> dict:
+def run_rows(runs: Path, suffix: str, setting: str = "5w1s") -> dict:
     """``{algo: (accuracy by step, ci by step, chosen steps, choice, test tasks)}`` of the
-    runs found."""
+    runs found; ``eval_10steps.json`` (the same test tasks adapted up to 10 steps) is read
+    instead of ``eval.json`` where there is one."""
     rows = {}
     for algo in NAMES:
-        result = read(runs / f"sm_5w1s_{algo}" / f"eval{suffix}.json")
+        workdir = runs / f"sm_{setting}_{algo}"
+        result = read(workdir / f"eval_10steps{suffix}.json") or read(
+            workdir / f"eval{suffix}.json"
+        )
         if result is None:
             continue
         acc = result["metrics"]["accuracy"]
-        choice = read(runs / f"sm_5w1s_{algo}" / f"validation{suffix}" / "choice.json")
+        choice = read(workdir / f"validation{suffix}" / "choice.json")
         best = choice["best"] if choice else {"adaptation_steps": len(acc["mean"]) - 1}
         steps = best.get("adaptation_steps", 0)
         rows[algo] = (acc["mean"], acc["ci95"], steps, best, result["num_tasks"])
@@ -103,13 +107,20 @@ def table(title, rows, finetune, frozen, overlap) -> list[str]:
 def figure(rows, finetune, frozen, overlap, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for algo, (mean, ci, _, _, _) in rows.items():
-        steps = range(len(mean))
+        color = f"C{list(NAMES).index(algo)}"
         if len(mean) == 1:
-            ax.axhline(100 * mean[0], color="C3", ls="--", label=f"{NAMES[algo]} (no steps)")
+            ax.axhline(100 * mean[0], color=color, ls="--", label=f"{NAMES[algo]} (no steps)")
             continue
         m = [100 * v for v in mean]
         ax.errorbar(
-            steps, m, yerr=[100 * c for c in ci], marker="o", ms=3, capsize=2, label=NAMES[algo]
+            range(len(mean)),
+            m,
+            yerr=[100 * c for c in ci],
+            color=color,
+            marker="o",
+            ms=3,
+            capsize=2,
+            label=NAMES[algo],
         )
     if finetune:
         m = [100 * v for v in finetune["test"]["mean"]]
@@ -149,6 +160,14 @@ def main():
         print("\n".join(table(title, rows, finetune, frozen, overlap)) + "\n")
         if shots == 1:
             figure(rows, finetune, frozen, overlap, RESULTS / "fewrel_smollm2_steps.png")
+    rows = run_rows(args.runs, "", setting="indomain_5w1s")
+    frozen = None
+    if frozen_file:
+        setting = frozen_file["settings"]["in-domain 5w1s"]
+        frozen = ((setting["accuracy"], setting["ci95"]), "the cross-domain protocol's choice")
+    overlap = word_overlap("in_domain", 1, "test")
+    title = "In-domain 5-way 1-shot (test: 5 held-out Wikipedia relations)"
+    print("\n".join(table(title, rows, None, frozen, overlap)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Reads, under RUNS (default ``runs``), ``tr_sm_<k>_<algo>/eval.json`` of the
 ``translate:smollm2_<k>_<algo>`` runs, and the baselines' file written by
 ``experiments/translate_baselines.py`` (copying the English name, in-context learning with
 the same model). Prints one Markdown row per run and baseline (chrF and exact match at the
-scored step counts, bits per target token) and writes
+scored step counts, bits per target token; a run evaluated on fewer tasks than the baselines
+gets the baselines' rows on its first tasks too, task for task) and writes
 ``experiments/results/translate_smollm2_latin.png``: chrF against adaptation steps, the
 baselines as horizontal lines::
 
@@ -20,6 +21,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -108,6 +110,30 @@ def figure(found: dict, baselines: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def first_tasks(result: dict, n: int) -> dict:
+    """A baselines' result restricted to its first ``n`` tasks (the draws ``metajax eval``
+    makes on ``n`` tasks), from its per-task scores, so a run evaluated on fewer tasks
+    is compared task for task."""
+    per_task = result["per_task"]
+    methods = {}
+    for method in result["methods"]:
+        methods[method] = {}
+        for score in ("chrf", "exact_match"):
+            values = np.asarray(per_task[f"{method}/{score}"][:n], np.float64)
+            ci = 1.96 * values.std(ddof=1) / math.sqrt(n)
+            methods[method][score] = {"mean": float(values.mean()), "ci95": float(ci)}
+    return dict(result, num_tasks=n, methods=methods)
+
+
+def matched(found: dict, baselines: list[dict]) -> list[dict]:
+    """The baselines, plus each on the first n tasks of every run evaluated on fewer."""
+    out = list(baselines)
+    counts = sorted({r["num_tasks"] for r in found.values()})
+    for result in baselines:
+        out += [first_tasks(result, n) for n in counts if n < result["num_tasks"]]
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", type=Path, nargs="?", default=Path("runs"))
@@ -122,9 +148,12 @@ def main():
     ]
     if not found and not baselines:
         raise SystemExit(f"no tr_sm_<k>_<algo>/eval.json under {args.runs} and no baselines")
+    baselines = matched(found, baselines)
     print("\n".join(table(found, baselines)))
     if found:  # without a run the figure would be the baselines' lines alone
-        figure(found, baselines, RESULTS / "translate_smollm2_latin.png")
+        counts = {r["num_tasks"] for r in found.values()}
+        lines = [b for b in baselines if b["num_tasks"] in counts] or baselines
+        figure(found, lines, RESULTS / "translate_smollm2_latin.png")
 
 
 if __name__ == "__main__":
