@@ -5,7 +5,7 @@ Reads, under RUNS (default ``runs``), ``tr_sm_<k>_<algo>/eval.json`` of the
 ``experiments/translate_baselines.py`` (copying the English name, in-context learning with
 the same model). Prints one Markdown row per run and baseline (chrF and exact match at the
 scored step counts, bits per target token; a run evaluated on fewer tasks than the baselines
-gets the baselines' rows on its first tasks too, task for task) and writes
+gets the baselines' rows on its first tasks too, the same languages) and writes
 ``experiments/results/translate_smollm2_latin.png``: chrF against adaptation steps, the
 baselines as horizontal lines::
 
@@ -111,9 +111,9 @@ def figure(found: dict, baselines: list[dict], path: Path) -> None:
 
 
 def first_tasks(result: dict, n: int) -> dict:
-    """A baselines' result restricted to its first ``n`` tasks (the draws ``metajax eval``
-    makes on ``n`` tasks), from its per-task scores, so a run evaluated on fewer tasks
-    is compared task for task."""
+    """A baselines' result restricted to its first ``n`` tasks, from its per-task scores: a
+    run evaluated on ``n`` tasks drew the same languages in the same order (its pairs may
+    differ where a pretrained tokenizer leaves out pairs longer than its sequences)."""
     per_task = result["per_task"]
     methods = {}
     for method in result["methods"]:
