@@ -57,8 +57,7 @@ frozen features' best readout), ``maml``, ``fomaml`` or ``reptile``; needs ``pip
 factors, the 28 below are a frozen trunk computed once per sentence and cached; 64 tokens
 per sentence, pooled at the closing markers (``pool=end``); inner SGD at 0.01 (the final
 states have norm about 60); 200 meta-steps of 4 tasks; evaluation after 0 to 5 steps on 600
-tasks. ``smollm2_tiny_<algo>``: the same on the
-committed random tiny Llama (seconds).
+tasks. ``smollm2_tiny_<algo>``: the same on the committed random tiny Llama (seconds).
 """
 
 import dataclasses
