@@ -16,6 +16,7 @@ from metajax.algorithms import (
     mean_over_tasks,
     meta_sgd,
     pretrain,
+    proto_maml,
     protonets,
     reptile,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "parallel",
     "path_str",
     "pretrain",
+    "proto_maml",
     "protonets",
     "reptile",
     "summarize",

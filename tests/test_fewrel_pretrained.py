@@ -227,7 +227,7 @@ def test_cli_tiny_trains_evaluates_and_predicts(tmp_path):
 
 
 @needs_data("fewrel")
-@pytest.mark.parametrize("algo", ["maml", "protonets", "cosine"])
+@pytest.mark.parametrize("algo", ["maml", "protonets", "cosine", "proto_fomaml"])
 def test_cli_smollm2_tiny_variants_train_on_the_tiny_llama(tmp_path, algo):
     # The SmolLM2 configs' settings (frozen trunk, LoRA, end-marker pooling) on the committed
     # random tiny Llama GGUF.
@@ -239,11 +239,33 @@ def test_cli_smollm2_tiny_variants_train_on_the_tiny_llama(tmp_path, algo):
     if algo == "maml":  # the zero head: every class equally likely before the inner step
         assert rows[0]["loss_before"] == pytest.approx(math.log(3), abs=1e-5)
     result = json.loads((workdir / "eval.json").read_text())
-    assert result["adaptation_steps"] == ([0, 1, 2] if algo == "maml" else [0])
+    adapts = algo in ("maml", "proto_fomaml")
+    assert result["adaptation_steps"] == ([0, 1, 2] if adapts else [0])
     config = json.loads((workdir / "config.json").read_text())
     assert config["task"]["trainable_blocks"] == 1 and config["task"]["pool"] == "end"
-    distance = {"cosine": "centered_cosine"}.get(algo, "squared_euclidean")
-    assert config["algorithm"]["distance"] == distance
+    cosine = algo in ("cosine", "proto_fomaml")
+    assert config["algorithm"]["distance"] == ("centered_cosine" if cosine else "squared_euclidean")
+
+
+@needs_data("fewrel")
+def test_proto_maml_starts_at_the_cosine_prototypes_and_adapts_factors_and_head():
+    proto = build_experiment(load_config("fewrel:smollm2_tiny_proto_fomaml"))
+    cosine = build_experiment(load_config("fewrel:smollm2_tiny_cosine"))
+    task = jax.tree.map(lambda a: a[0], proto.setup.eval_source.sample(0, 1))
+    x, _ = task.query
+    start = proto.algo.adapt(proto.params, task.support, steps=0)
+    prototypes = cosine.algo.adapt(cosine.params, task.support)
+    np.testing.assert_allclose(
+        proto.evaluator.predict_fn(start, x),
+        cosine.evaluator.predict_fn(prototypes, x),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    adapted = proto.algo.adapt(proto.params, task.support, steps=2)
+    model, model0 = adapted["embedding"]["model"], proto.params["model"]
+    assert _norm(jax.tree.map(jnp.subtract, model["base"], model0["base"])) == 0.0
+    assert _norm(jax.tree.map(jnp.subtract, model["lora"], model0["lora"])) > 0
+    assert _norm(jax.tree.map(jnp.subtract, adapted["head"], start["head"])) > 0
 
 
 @needs_data("fewrel")

@@ -43,7 +43,7 @@ def _rows(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", [n for n in ALGORITHMS if n not in ("protonets",)])
+@pytest.mark.parametrize("name", [n for n in ALGORITHMS if not ALGORITHMS[n].on_embedding])
 def test_every_gradient_algorithm_trains_and_evaluates(tmp_path, name):
     code, workdir = _train(tmp_path, name)
     assert code == 0
@@ -104,11 +104,12 @@ def test_imaml_solves_its_linear_system(tmp_path):
     assert max(solved) < 1e-3 < min(rough)
 
 
-def test_protonets_on_a_regression_family_says_why(tmp_path, capsys):
-    code, workdir = _train(tmp_path, "protonets")
+@pytest.mark.parametrize("name", ["protonets", "proto_maml"])
+def test_embedding_algorithms_on_a_regression_family_say_why(tmp_path, capsys, name):
+    code, workdir = _train(tmp_path, name)
     assert code == 2
     err = capsys.readouterr().err
-    assert "protonets" in err and "not a classification family" in err
+    assert name in err and "not a classification family" in err
     assert not workdir.exists()
 
 
@@ -130,8 +131,9 @@ FAMILIES = {
 
 
 def _applies(spec: str, name: str) -> bool:
-    """ProtoNets needs a classification family with an embedding: of these, Omniglot."""
-    return not ALGORITHMS[name].metric_based or spec.startswith("omniglot")
+    """ProtoNets and Proto-MAML need a classification family with an embedding: of these,
+    Omniglot."""
+    return not ALGORITHMS[name].on_embedding or spec.startswith("omniglot")
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,12 @@ from metajax.algorithms.maml import maml
 from metajax.algorithms.mamlpp import mamlpp, mamlpp_weights
 from metajax.algorithms.meta_sgd import meta_sgd
 from metajax.algorithms.pretrain import pretrain
+from metajax.algorithms.proto_maml import (
+    head_logits,
+    proto_maml,
+    proto_maml_logits,
+    prototype_head,
+)
 from metajax.algorithms.protonets import (
     Prototypes,
     centered_cosine,
@@ -29,6 +35,10 @@ __all__ = [
     "mean_over_tasks",
     "meta_sgd",
     "pretrain",
+    "proto_maml",
+    "proto_maml_logits",
+    "prototype_head",
+    "head_logits",
     "protonet_logits",
     "protonets",
     "reptile",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,7 +21,10 @@ from metajax.algorithms._base import (
     split_task_key,
 )
 from metajax.inner import UNROLL
-from metajax.types import LossFn, MetricFn, PyTree
+from metajax.types import Batch, LossFn, MetricFn, PyTree
+
+# task_init(meta_params, support) -> the parameters a task's inner loop starts from.
+TaskInit = Callable[[PyTree, Batch], PyTree]
 
 
 def maml(
@@ -37,6 +41,7 @@ def maml(
     task_batch: int | None = None,
     unroll_tasks: bool = False,
     monitor: bool = True,
+    task_init: TaskInit | None = None,
 ) -> MetaLearner:
     """Model-Agnostic Meta-Learning (Finn et al., 2017).
 
@@ -70,6 +75,12 @@ def maml(
         :func:`metajax.mean_over_tasks`).
       monitor: also report the query loss and metrics before adaptation (one more
         forward pass per task).
+      task_init: optional ``task_init(meta_params, support) -> params``, the point each
+        task's inner loop starts from (Proto-MAML, :func:`metajax.proto_maml`, sets a head
+        from the support's class prototypes); ``loss_fn``, ``mask`` and ``metric_fn`` see
+        its output. Both orders differentiate through it: second order exactly, first
+        order through ``task_init`` alone (the inner loop's Jacobian taken as the
+        identity). None: the inner loop starts at ``meta_params``.
 
     Returns:
       A :class:`MetaLearner`; ``meta_params`` are the model's parameters.
@@ -84,24 +95,37 @@ def maml(
         mask=mask,
         unroll=unroll,
     )
-    _adapt, _adapt_trace = fixed_inner_loop(loss_fn, inner_steps, **rule)
+    _adapt_from, _adapt_trace_from = fixed_inner_loop(loss_fn, inner_steps, **rule)
+    start = (lambda params, support: params) if task_init is None else task_init
+
+    def _adapt(params, support, *, steps=None, key=None):
+        return _adapt_from(start(params, support), support, steps=steps, key=key)
+
+    def _adapt_trace(params, support, trace_fn=None, *, steps=None, key=None):
+        return _adapt_trace_from(start(params, support), support, trace_fn, steps=steps, key=key)
 
     def task_loss(params, task, *, step=None, key=None):
         del step
         inner_key, query_key = split_task_key(key)
-        adapted = _adapt(params, task.support, key=inner_key)
+        initial = start(params, task.support)
+        adapted = _adapt_from(initial, task.support, key=inner_key)
         loss = call_loss(loss_fn, adapted, task.query, query_key)
         return loss, query_metrics(
-            loss_fn, metric_fn, params, adapted, task.query, monitor=monitor, loss_after=loss
+            loss_fn, metric_fn, initial, adapted, task.query, monitor=monitor, loss_after=loss
         )
 
     def first_order_task_grad(params, task, *, step=None, key=None):
         del step
         inner_key, query_key = split_task_key(key)
-        adapted = jax.lax.stop_gradient(_adapt(params, task.support, key=inner_key))
+        if task_init is None:
+            initial, pull_back = params, lambda g: g
+        else:
+            initial, vjp = jax.vjp(lambda p: task_init(p, task.support), params)
+            pull_back = lambda g: vjp(g)[0]
+        adapted = jax.lax.stop_gradient(_adapt_from(initial, task.support, key=inner_key))
         loss, grads = loss_and_grad(loss_fn, adapted, task.query, query_key)
-        return grads, query_metrics(
-            loss_fn, metric_fn, params, adapted, task.query, monitor=monitor, loss_after=loss
+        return pull_back(grads), query_metrics(
+            loss_fn, metric_fn, initial, adapted, task.query, monitor=monitor, loss_after=loss
         )
 
     if first_order:

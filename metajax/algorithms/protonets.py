@@ -50,7 +50,7 @@ def centered_cosine(scale: float = 10.0) -> DistanceFn:
 
     def distance(queries: jax.Array, prototypes: jax.Array) -> jax.Array:
         center = jnp.mean(prototypes, axis=0)
-        return -scale * (_unit(queries - center) @ _unit(prototypes - center).T)
+        return -scale * (unit(queries - center) @ unit(prototypes - center).T)
 
     return distance
 
@@ -70,7 +70,8 @@ def distance_by_name(distance: str | DistanceFn, cosine_scale: float = 10.0) -> 
     raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}.")
 
 
-def _unit(x: jax.Array) -> jax.Array:
+def unit(x: jax.Array) -> jax.Array:
+    """``x`` scaled to unit norm along its last axis (a zero vector stays zero)."""
     # rsqrt of (norm^2 + tiny) keeps the gradient finite at a zero vector (one prototype
     # equal to the center, e.g. 1-shot tasks with two identical sentences).
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)

@@ -76,7 +76,15 @@ SETTINGS = {"5w1s": (5, 1), "5w5s": (5, 5)}
 ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "protonets")
 PROTOCOLS = {"": "cross_domain", "indomain": "in_domain"}
 GPT2_VARIANTS = ("5w1s_protonets", "5w1s_maml", "5w5s_protonets")
-SMOLLM2_ALGORITHMS = ("protonets", "cosine", "maml", "fomaml", "reptile")
+SMOLLM2_ALGORITHMS = (
+    "protonets",
+    "cosine",
+    "maml",
+    "fomaml",
+    "reptile",
+    "proto_maml",
+    "proto_fomaml",
+)
 SMOLLM2_SETTINGS = ("5w1s", "5w5s", "indomain_5w1s")
 SMOLLM2_VARIANTS = tuple(f"{s}_{a}" for s in SMOLLM2_SETTINGS for a in SMOLLM2_ALGORITHMS)
 VARIANTS = (
@@ -107,6 +115,9 @@ def _algorithm(algo: str) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
         return AlgorithmConfig(name="protonets"), adam, 0
     if algo == "cosine":  # ProtoNets on the cosines of centered features
         return AlgorithmConfig(name="protonets", distance="centered_cosine"), adam, 0
+    if algo in ("proto_maml", "proto_fomaml"):  # the head starts at the cosine prototypes
+        proto = AlgorithmConfig(name=algo, inner_steps=1, inner_lr=0.1, distance="centered_cosine")
+        return proto, adam, 10
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGORITHMS}.")
 
 
@@ -173,18 +184,16 @@ def _smollm2(variant: str) -> Config:
     ``smollm2_tiny_<algo>``: the same settings on the committed random tiny Llama."""
     rest = variant.removeprefix("smollm2_")
     tiny = rest.startswith("tiny_")
-    setting, _, algo = rest.removeprefix("tiny_" if tiny else "").rpartition("_")
-    setting = setting or "5w1s"
-    if (
-        algo not in SMOLLM2_ALGORITHMS
-        or (setting not in SMOLLM2_SETTINGS)
-        or (tiny and setting != "5w1s")
-    ):
+    rest = rest.removeprefix("tiny_" if tiny else "")
+    # The longest algorithm name that ends the variant (proto_maml before maml).
+    algo = max((a for a in SMOLLM2_ALGORITHMS if rest.endswith(a)), key=len, default="")
+    setting = rest.removesuffix(algo).removesuffix("_") or "5w1s"
+    if not algo or setting not in SMOLLM2_SETTINGS or (tiny and rest != algo):
         raise ValueError(f"fewrel variant {variant!r}: expected one of {VARIANTS}.")
     indomain = setting.startswith("indomain_")
     shots = SETTINGS[setting.removeprefix("indomain_")][1]
     algorithm, optimizer, eval_steps = _algorithm(algo)
-    if algorithm.name != "protonets":
+    if algorithm.name in ("maml", "fomaml", "reptile"):
         # The final states have norm about 60: a zero head's first step at 0.4 overshoots.
         algorithm = dataclasses.replace(algorithm, inner_lr=0.01)
     task = FewRelTask(

@@ -3,8 +3,9 @@
 The algorithm table says which ``metajax.algorithms`` function each ``algorithm.name`` is
 and which settings of :class:`~metajax.run.config.AlgorithmConfig` it takes; those are
 passed on, and one it does not take must keep its default (one from a config file is reset
-by :func:`drop_untaken_settings`). Metric-based algorithms (ProtoNets) meta-learn the
-family's ``embedding`` instead of its model: this module is the only place that knows.
+by :func:`drop_untaken_settings`). ProtoNets and Proto-MAML meta-learn the family's
+``embedding`` instead of its model (Proto-MAML with a head of its own): this module is the
+only place that knows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import optax
 
 from metajax import algorithms
 from metajax.algorithms import MetaLearner
+from metajax.algorithms.proto_maml import proto_maml_logits
 from metajax.algorithms.protonets import distance_by_name, protonet_logits
 from metajax.models.losses import accuracy_metric, classification_loss
 from metajax.run import families
@@ -37,6 +39,8 @@ class AlgorithmSpec(NamedTuple):
       fixed: settings it fixes, with their values.
       masks: it takes ``mask=``, a family's inner mask.
       metric_based: it meta-learns the family's embedding (ProtoNets).
+      prototype_head: it meta-learns the family's embedding and adapts it with a head
+        started at the support's prototypes (Proto-MAML).
     """
 
     fn: Callable[..., MetaLearner]
@@ -44,6 +48,12 @@ class AlgorithmSpec(NamedTuple):
     fixed: dict[str, Any] = {}
     masks: bool = False
     metric_based: bool = False
+    prototype_head: bool = False
+
+    @property
+    def on_embedding(self) -> bool:
+        """Whether it meta-learns the family's embedding rather than its model."""
+        return self.metric_based or self.prototype_head
 
 
 _INNER = ("inner_steps", "inner_lr", "inner_optimizer", "unroll", "monitor")
@@ -65,6 +75,19 @@ ALGORITHMS = {
     "protonets": AlgorithmSpec(
         algorithms.protonets, ("distance", "cosine_scale"), metric_based=True
     ),
+    "proto_maml": AlgorithmSpec(
+        algorithms.proto_maml,
+        (*_GRADIENT, "first_order", "distance", "cosine_scale"),
+        masks=True,
+        prototype_head=True,
+    ),
+    "proto_fomaml": AlgorithmSpec(
+        algorithms.proto_maml,
+        (*_GRADIENT, "distance", "cosine_scale"),
+        {"first_order": True},
+        masks=True,
+        prototype_head=True,
+    ),
 }
 
 
@@ -79,8 +102,8 @@ class Experiment(NamedTuple):
       params: the initial parameters ``algo.init`` takes (the embedding's for ProtoNets).
       loss_fn: the query loss of adapted parameters, for evaluation.
       metric_fn: the query metrics of adapted parameters, or None.
-      evaluator: the family's :class:`~metajax.run.setup.Evaluator` (for ProtoNets,
-        predicting from the prototypes).
+      evaluator: the family's :class:`~metajax.run.setup.Evaluator` (for ProtoNets and
+        Proto-MAML, predicting from the prototypes or the prototype head).
     """
 
     config: Config
@@ -120,7 +143,7 @@ def build(config: Config) -> Experiment:
         setup.evaluator,
     )
     extra = {}
-    if spec.metric_based:
+    if spec.on_embedding:
         if setup.embedding is None:
             raise ConfigError(
                 f"algorithm {config.algorithm.name!r} classifies by distances "
@@ -131,6 +154,8 @@ def build(config: Config) -> Experiment:
         distance_fn = distance_by_name(config.algorithm.distance, config.algorithm.cosine_scale)
 
         def predict_fn(adapted, x):
+            if spec.prototype_head:
+                return proto_maml_logits(embedding.apply_fn, adapted, x)
             return protonet_logits(embedding.apply_fn, adapted, x, distance_fn)
 
         params, loss_fn, metric_fn = (
@@ -227,21 +252,36 @@ def make_algorithm(cfg: AlgorithmConfig, setup: Setup, extra: dict | None = None
                 "takes no inner optimizer."
             )
         kwargs.update(inner_rule(cfg))
-    if not spec.metric_based:
+    if not spec.on_embedding:
         kwargs["metric_fn"] = setup.metric_fn
     if setup.inner_mask is not None:  # ANIL restricts its inner loop by `head` instead
-        if spec.masks:
+        if spec.prototype_head:
+            kwargs["mask"] = _embedding_mask(setup)
+        elif spec.masks:
             kwargs["mask"] = setup.inner_mask
         elif "head" not in spec.takes:
             raise ConfigError(
                 f"algorithm {cfg.name!r} cannot restrict its inner loop to part "
                 "of the parameters, which this family's model asks for."
             )
-    first = setup.embedding.apply_fn if spec.metric_based else setup.loss_fn
+    first = setup.embedding.apply_fn if spec.on_embedding else setup.loss_fn
     try:
         return spec.fn(first, **kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"algorithm {cfg.name}: {e}") from None
+
+
+def _embedding_mask(setup: Setup) -> Any:
+    """The part of the family's inner mask over its embedding: the embedding's parameters are
+    the model's top-level entries but the head (e.g. ``{"model": ...}`` of ``{"model": ...,
+    "head": ...}``)."""
+    mask, params = setup.inner_mask, setup.embedding.params
+    if not (isinstance(mask, dict) and isinstance(params, dict) and set(params) <= set(mask)):
+        raise ConfigError(
+            "this family's inner mask does not cover its embedding's parameters; Proto-MAML "
+            "cannot tell which of them adapt."
+        )
+    return {name: mask[name] for name in params}
 
 
 def inner_rule(cfg: AlgorithmConfig) -> dict:

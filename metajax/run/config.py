@@ -28,11 +28,13 @@ class AlgorithmConfig:
     its default (``metajax show CONFIG`` lists them all with their types).
 
     Attributes:
-      name: maml, fomaml, anil, meta_sgd, mamlpp, imaml, reptile, pretrain or protonets.
+      name: maml, fomaml, anil, meta_sgd, mamlpp, imaml, reptile, pretrain, protonets,
+        proto_maml or proto_fomaml (MAML or FOMAML with the head started, for every task,
+        at the support's prototypes).
       inner_steps: inner-loop steps per task in meta-training (>= 1).
       inner_lr: inner learning rate (> 0): plain SGD, or the rate of inner_optimizer.
       first_order: stop the gradient through the inner gradients (maml, anil, meta_sgd,
-        mamlpp).
+        mamlpp, proto_maml).
       remat: recompute each inner step in the backward pass instead of storing it.
       unroll: the longest inner loop unrolled; longer ones are scanned (true: unroll every
         loop, false: scan every loop); metajax.adapt's default.
@@ -52,9 +54,10 @@ class AlgorithmConfig:
       reg: imaml: proximal regularisation strength (> 0).
       cg_steps: imaml: conjugate-gradient iterations.
       inner_batch: reptile: support examples per inner step in meta-training (none: all).
-      distance: protonets: squared_euclidean (the paper's) or centered_cosine (cosine after
-        subtracting the task's mean prototype, times cosine_scale).
-      cosine_scale: protonets: the logit scale of centered_cosine (> 0).
+      distance: protonets and proto_[fo]maml: squared_euclidean (the paper's) or
+        centered_cosine (cosine after subtracting the task's mean prototype, times
+        cosine_scale).
+      cosine_scale: protonets and proto_[fo]maml: the logit scale of centered_cosine (> 0).
     """
 
     name: str = "maml"
