@@ -25,7 +25,13 @@ from _shared_data import use_shared_data  # noqa: E402
 from fewrel_lexical import accuracy as word_overlap  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ADAPTING = {"maml": "second-order MAML", "fomaml": "FOMAML", "reptile": "Reptile"}
+ADAPTING = {
+    "maml": "second-order MAML",
+    "fomaml": "FOMAML",
+    "reptile": "Reptile",
+    "proto_maml": "Proto-MAML, second order",
+    "proto_fomaml": "Proto-MAML, first order",
+}
 STEP_COLUMNS = (0, 1, 2, 5, 10)
 NO_STEPS = ("-",) * len(STEP_COLUMNS)
 NAMES = {"protonets": "ProtoNets", "cosine": "ProtoNets by centered cosine", **ADAPTING}

@@ -245,12 +245,27 @@ def test_cli_smollm2_tiny_variants_train_on_the_tiny_llama(tmp_path, algo):
     assert config["task"]["trainable_blocks"] == 1 and config["task"]["pool"] == "end"
     cosine = algo in ("cosine", "proto_fomaml")
     assert config["algorithm"]["distance"] == ("centered_cosine" if cosine else "squared_euclidean")
+    if algo == "proto_fomaml":  # a user's sentences: the prototype head, then 2 steps
+        support = [
+            sentence(["Paris", "is", "in", "France", "."], [0], [3]),
+            sentence(["Ann", "wrote", "Emma", "."], [2], [0]),
+            sentence(["Rex", "plays", "for", "Leeds", "."], [0], [3]),
+        ]
+        model = predict.load(workdir)
+        # One shot: each support sentence is its class's prototype, so it is classified as it.
+        start = model.adapt_and_predict(support, [2, 0, 1], support, steps=0)
+        assert start.argmax(-1).tolist() == [2, 0, 1]
+        logits = model.adapt_and_predict(support, [2, 0, 1], support, steps=2)
+        assert logits.shape == (3, 3) and np.isfinite(logits).all()
 
 
 @needs_data("fewrel")
 def test_proto_maml_starts_at_the_cosine_prototypes_and_adapts_factors_and_head():
     proto = build_experiment(load_config("fewrel:smollm2_tiny_proto_fomaml"))
-    cosine = build_experiment(load_config("fewrel:smollm2_tiny_cosine"))
+    scale = proto.config.algorithm.cosine_scale
+    cosine = build_experiment(
+        load_config("fewrel:smollm2_tiny_cosine", [f"algorithm.cosine_scale={scale}"])
+    )
     task = jax.tree.map(lambda a: a[0], proto.setup.eval_source.sample(0, 1))
     x, _ = task.query
     start = proto.algo.adapt(proto.params, task.support, steps=0)
