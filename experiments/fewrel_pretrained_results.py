@@ -2,7 +2,8 @@
 
 Reads, under RUNS (default ``runs``): ``sm_5w1s_<algo>/eval.json`` (5-way 1-shot news, at the
 checkpoint and rate chosen on validation by ``experiments/choose_on_validation.py``),
-``sm_5w1s_<algo>/eval_5shot.json`` (the same runs on 5-shot tasks), the ``validation*/choice.json``
+``sm_5w1s_<algo>/eval_5shot.json`` (the same runs on 5-shot tasks),
+``sm_5w5s_<algo>/eval.json`` (runs meta-trained on 5-shot tasks), the ``validation*/choice.json``
 files, ``sm_finetune/eval_<k>shot.json`` (``experiments/fewrel_finetune.py``), and
 ``experiments/results/fewrel_frozen_features.json``; the word-overlap reference is computed
 here (seconds). Prints markdown tables and writes
@@ -45,10 +46,10 @@ def read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_rows(runs: Path, suffix: str, setting: str = "5w1s") -> dict:
-    """``{algo: (accuracy by step, ci by step, chosen steps, choice, test tasks)}`` of the
-    runs found; ``eval_10steps.json`` (the same test tasks adapted up to 10 steps) is read
-    instead of ``eval.json`` where there is one."""
+def run_rows(runs: Path, suffix: str, setting: str = "5w1s", note: str = "") -> dict:
+    """``{name: (accuracy by step, ci by step, chosen steps, choice, test tasks, algo)}`` of
+    the runs found, each name ``NAMES[algo] + note``; ``eval_10steps.json`` (the same test
+    tasks adapted up to 10 steps) is read instead of ``eval.json`` where there is one."""
     rows = {}
     for algo in NAMES:
         workdir = runs / f"sm_{setting}_{algo}"
@@ -61,7 +62,14 @@ def run_rows(runs: Path, suffix: str, setting: str = "5w1s") -> dict:
         choice = read(workdir / f"validation{suffix}" / "choice.json")
         best = choice["best"] if choice else {"adaptation_steps": len(acc["mean"]) - 1}
         steps = best.get("adaptation_steps", 0)
-        rows[algo] = (acc["mean"], acc["ci95"], steps, best, result["num_tasks"])
+        rows[NAMES[algo] + note] = (
+            acc["mean"],
+            acc["ci95"],
+            steps,
+            best,
+            result["num_tasks"],
+            algo,
+        )
     return rows
 
 
@@ -80,13 +88,11 @@ def table(title, rows, finetune, frozen, overlap) -> list[str]:
         ).replace("**", "")
     )
     lines.append("|---" * (3 + len(STEP_COLUMNS)) + "|")
-    for algo, (mean, ci, k, best, tasks) in rows.items():
+    for name, (mean, ci, k, best, tasks, _) in rows.items():
         chosen = f"checkpoint {best.get('step', '-')}, rate {best.get('rate') or '-'}, {k} steps"
         chosen += f"; {tasks} test tasks"
         by_step = [cell(mean[s], ci[s]) if s < len(mean) else "-" for s in STEP_COLUMNS]
-        lines.append(
-            row(f"{NAMES[algo]} (LoRA, top 2 blocks)", chosen, cell(mean[k], ci[k]), by_step)
-        )
+        lines.append(row(f"{name} (LoRA, top 2 blocks)", chosen, cell(mean[k], ci[k]), by_step))
     if finetune:
         mean, ci, k = finetune["test"]["mean"], finetune["test"]["ci95"], finetune["steps"]
         by_step = [cell(mean[s], ci[s]) if s < len(mean) else "-" for s in STEP_COLUMNS]
@@ -112,10 +118,10 @@ def table(title, rows, finetune, frozen, overlap) -> list[str]:
 
 def figure(rows, finetune, frozen, overlap, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for algo, (mean, ci, _, _, _) in rows.items():
+    for name, (mean, ci, _, _, _, algo) in rows.items():
         color = f"C{list(NAMES).index(algo)}"
         if len(mean) == 1:
-            ax.axhline(100 * mean[0], color=color, ls="--", label=f"{NAMES[algo]} (no steps)")
+            ax.axhline(100 * mean[0], color=color, ls="--", label=f"{name} (no steps)")
             continue
         m = [100 * v for v in mean]
         ax.errorbar(
@@ -126,7 +132,7 @@ def figure(rows, finetune, frozen, overlap, path: Path) -> None:
             marker="o",
             ms=3,
             capsize=2,
-            label=NAMES[algo],
+            label=name,
         )
     if finetune:
         m = [100 * v for v in finetune["test"]["mean"]]
@@ -152,6 +158,8 @@ def main():
     frozen_file = read(RESULTS / "fewrel_frozen_features.json")
     for suffix, shots in (("", 1), ("_5shot", 5)):
         rows = run_rows(args.runs, suffix)
+        if shots == 5:
+            rows |= run_rows(args.runs, "", setting="5w5s", note=", meta-trained at 5 shots")
         finetune = read(args.runs / "sm_finetune" / f"eval_{shots}shot.json")
         frozen = None
         if frozen_file:
