@@ -60,8 +60,10 @@ def run_rows(runs: Path, suffix: str, setting: str = "5w1s", note: str = "") -> 
             continue
         acc = result["metrics"]["accuracy"]
         choice = read(workdir / f"validation{suffix}" / "choice.json")
-        best = choice["best"] if choice else {"adaptation_steps": len(acc["mean"]) - 1}
-        steps = best.get("adaptation_steps", 0)
+        # Without a validation choice (the in-domain protocol has no validation relations)
+        # the row's main cell is its last step count, and its label says nothing was chosen.
+        best = choice["best"] if choice else None
+        steps = best["adaptation_steps"] if best else len(acc["mean"]) - 1
         rows[NAMES[algo] + note] = (
             acc["mean"],
             acc["ci95"],
@@ -89,7 +91,11 @@ def table(title, rows, finetune, frozen, overlap) -> list[str]:
     )
     lines.append("|---" * (3 + len(STEP_COLUMNS)) + "|")
     for name, (mean, ci, k, best, tasks, _) in rows.items():
-        chosen = f"checkpoint {best.get('step', '-')}, rate {best.get('rate') or '-'}, {k} steps"
+        chosen = (
+            f"checkpoint {best['step']}, rate {best['rate'] or '-'}, {k} steps"
+            if best
+            else f"nothing chosen; {k} steps shown"
+        )
         chosen += f"; {tasks} test tasks"
         by_step = [cell(mean[s], ci[s]) if s < len(mean) else "-" for s in STEP_COLUMNS]
         lines.append(row(f"{name} (LoRA, top 2 blocks)", chosen, cell(mean[k], ci[k]), by_step))
