@@ -100,6 +100,57 @@ def test_truncation_keeps_every_marker_token(tokenizer):
         byte_encoder(22)
 
 
+def test_prompt_pool_restates_the_entities_and_reads_their_names(tokenizer):
+    enc = G.MarkerEncoder(tokenizer.encode, 0, 64, "prompt")
+    s = sentence(["Alice", "met", "Bob", "."], [0], [2])
+    tokens, positions = enc([s])
+    text = (
+        "<|endoftext|> [E1] Alice [/E1] met [E2] Bob [/E2] . The relation between Alice and Bob is"
+    )
+    n = len(tokenizer.encode(text[len("<|endoftext|>") :])) + 1
+    assert tokenizer.decode(tokens[0, :n]) == text and (tokens[0, n:] == 0).all()
+    # Each position is the last token of a name restated in the prompt: "Alice", then "Bob".
+    (head, tail) = positions[0]
+    assert tokenizer.decode(tokens[0, : head + 1]).endswith("[/E2] . The relation between Alice")
+    assert tokenizer.decode(tokens[0, head + 1 : tail + 1]) == " and Bob"
+    # A long sentence is cut, never the prompt nor a marker; a long name keeps its first
+    # NAME_TOKENS tokens.
+    words = [f"w{i}" for i in range(60)]
+    long = sentence(words, [30], list(range(40, 52)))
+    tokens, positions = enc([long])
+    text = tokenizer.decode(tokens[0])
+    assert (tokens[0] != 0).sum() == 63 and " [E1] w30 [/E1]" in text and "[/E2]" in text
+    name = tokenizer.encode(" " + " ".join(words[40:52]))[: G.NAME_TOKENS]
+    assert text.endswith(f" The relation between w30 and{tokenizer.decode(name)} is")
+    assert tokens[0, positions[0, 1]] == name[-1]
+    with pytest.raises(ValueError, match=f"max_len=40: needs room .* names of {G.NAME_TOKENS}"):
+        G.MarkerEncoder(tokenizer.encode, 0, 40, "prompt")
+    with pytest.raises(ValueError, match="pool='mean': choose one of start, end, prompt"):
+        G.MarkerEncoder(tokenizer.encode, 0, 64, "mean")
+
+
+def test_num_blocks_reads_the_raw_states_after_an_inner_block(tmp_path):
+    model, params = load_gpt2(FIXTURE)
+    tokens = None
+    for trainable in (None, 1):  # the whole model, then a frozen trunk below block 0's top
+        config = _config(tmp_path, "protonets", num_blocks=1, trainable_blocks=trainable)
+        exp = build_experiment(config)
+        # Block h_1 and ln_f are dropped: no weights, no factors.
+        base = exp.params["model"]["base"]["params"]
+        assert "h_1" not in base and "ln_f" not in base and "h_0" in base
+        (inputs, positions), _ = jax.tree.map(
+            lambda a: a[0], exp.setup.train_source.sample(0, 1).support
+        )
+        tokens = inputs if tokens is None else tokens  # without a trunk the inputs are tokens
+        states = model.apply(params, tokens, blocks=1, method="trunk")
+        want = jnp.take_along_axis(states, jnp.asarray(positions)[:, :, None], axis=1)
+        got = exp.setup.embedding.apply_fn(exp.setup.embedding.params, (inputs, positions))
+        np.testing.assert_allclose(got, want.reshape(len(tokens), -1), rtol=1e-4, atol=1e-4)
+        # Not the final normed states.
+        final = model.apply(params, tokens, method="features")
+        assert np.abs(np.take_along_axis(final, positions[:, :, None], 1) - want).max() > 0.1
+
+
 def test_features_are_the_states_the_tied_head_reads():
     model, params = load_gpt2(FIXTURE)
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 320)
@@ -227,12 +278,15 @@ def test_cli_tiny_trains_evaluates_and_predicts(tmp_path):
 
 
 @needs_data("fewrel")
-@pytest.mark.parametrize("algo", ["maml", "protonets", "cosine", "proto_fomaml"])
-def test_cli_smollm2_tiny_variants_train_on_the_tiny_llama(tmp_path, algo):
-    # The SmolLM2 configs' settings (frozen trunk, LoRA, end-marker pooling) on the committed
-    # random tiny Llama GGUF.
-    workdir = tmp_path / algo
-    argv = ["train", f"fewrel:smollm2_tiny_{algo}", "--workdir", str(workdir), "--no-progress"]
+@pytest.mark.parametrize(
+    "variant", ["maml", "protonets", "cosine", "proto_fomaml", "prompt_cosine", "prompt_maml"]
+)
+def test_cli_smollm2_tiny_variants_train_on_the_tiny_llama(tmp_path, variant):
+    # The SmolLM2 configs' settings (frozen trunk, LoRA, end-marker or prompt pooling) on the
+    # committed random tiny Llama GGUF.
+    algo = variant.removeprefix("prompt_")
+    workdir = tmp_path / variant
+    argv = ["train", f"fewrel:smollm2_tiny_{variant}", "--workdir", str(workdir), "--no-progress"]
     assert cli.main(argv) == 0
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -242,7 +296,10 @@ def test_cli_smollm2_tiny_variants_train_on_the_tiny_llama(tmp_path, algo):
     adapts = algo in ("maml", "proto_fomaml")
     assert result["adaptation_steps"] == ([0, 1, 2] if adapts else [0])
     config = json.loads((workdir / "config.json").read_text())
-    assert config["task"]["trainable_blocks"] == 1 and config["task"]["pool"] == "end"
+    assert config["task"]["trainable_blocks"] == 1
+    prompt = variant.startswith("prompt_")
+    assert config["task"]["pool"] == ("prompt" if prompt else "end")
+    assert config["task"]["num_blocks"] == (1 if prompt else None)
     cosine = algo in ("cosine", "proto_fomaml")
     assert config["algorithm"]["distance"] == ("centered_cosine" if cosine else "squared_euclidean")
     if algo == "proto_fomaml":  # a user's sentences: the prototype head, then 2 steps
@@ -314,9 +371,13 @@ def _centered_cosines(queries, prototypes):
         ({"max_len": 100}, "task.max_len=100 > the model's n_positions 64"),
         ({"ways": 4}, "ways=4 but the train split has 3 relations"),
         ({"shots": 3, "queries": 2}, "has 4 sentences; shots + queries = 5 are needed"),
-        ({"pool": "mean"}, "task.pool='mean': choose start or end"),
+        ({"pool": "mean"}, "task.pool='mean': choose one of start, end, prompt"),
         ({"adapt": "bias"}, "task.adapt='bias'"),
         ({"trainable_blocks": 3}, "task.trainable_blocks=3 must be in [1, 2]"),
+        ({"num_blocks": 3}, "task.num_blocks=3 must be in [1, 2]"),
+        ({"num_blocks": 0}, "task.num_blocks=0 must be >= 1"),
+        ({"num_blocks": 1, "trainable_blocks": 2}, "task.trainable_blocks=2 must be in [1, 1]"),
+        ({"pool": "prompt"}, "task.max_len=40: needs room for the start token and the 4 entity markers, the prompt"),
         ({"lora_rank": 0}, "task.lora_rank=0 must be"),
     ],
 )

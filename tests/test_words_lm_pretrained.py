@@ -137,6 +137,7 @@ def test_missing_model_exits_2_with_its_name(tmp_path, capsys):
         ("task.max_len=100", "task.max_len=100 > the model's n_positions 64"),
         ("task.trainable_blocks=3", "task.trainable_blocks=3 must be in [1, 2]"),
         ("task.trainable_blocks=0", "task.trainable_blocks=0 must be >= 1"),
+        ("task.num_blocks=1", "task.num_blocks=1: this family reads the LM head"),
         ("task.model=smollm-9000", "task.model='smollm-9000'"),
     ],
 )

@@ -60,6 +60,10 @@ factors, the 28 below are a frozen trunk computed once per sentence and cached; 
 per sentence, pooled at the closing markers (``pool=end``); inner SGD at 0.01 (the final
 states have norm about 60); 200 meta-steps of 4 tasks; evaluation after 0 to 5 steps on 600
 tasks. ``smollm2_tiny_<algo>``: the same on the committed random tiny Llama (seconds).
+``smollm2_prompt_*`` (and ``smollm2_tiny_prompt_<algo>``): the same with the readout the
+frozen features do best with on the validation relations: each sentence followed by a prompt
+that names head and tail again (``pool=prompt``, 80 tokens), the states at the two names read
+after block 24 (``num_blocks=24``; blocks 22 and 23 train through LoRA).
 """
 
 import dataclasses
@@ -88,7 +92,12 @@ SMOLLM2_ALGORITHMS = (
     "proto_fomaml",
 )
 SMOLLM2_SETTINGS = ("5w1s", "5w5s", "indomain_5w1s")
-SMOLLM2_VARIANTS = tuple(f"{s}_{a}" for s in SMOLLM2_SETTINGS for a in SMOLLM2_ALGORITHMS)
+SMOLLM2_VARIANTS = tuple(
+    f"{p}{s}_{a}" for p in ("", "prompt_") for s in SMOLLM2_SETTINGS for a in SMOLLM2_ALGORITHMS
+)
+# smollm2_prompt_*: the frozen features' best readout on the validation relations
+# (experiments/fewrel_frozen_features.py): the prompt pool after block 24 of 30.
+PROMPT_BLOCKS, PROMPT_MAX_LEN = 24, 80
 VARIANTS = (
     *(f"{p}{s}_{a}" for p in ("", "indomain_") for s in SETTINGS for a in ALGORITHMS),
     "tiny",
@@ -97,7 +106,7 @@ VARIANTS = (
     "gpt2_tiny",
     "gpt2_tiny_protonets",
     *(f"smollm2_{v}" for v in SMOLLM2_VARIANTS),
-    *(f"smollm2_tiny_{a}" for a in SMOLLM2_ALGORITHMS),
+    *(f"smollm2_tiny_{p}{a}" for p in ("", "prompt_") for a in SMOLLM2_ALGORITHMS),
 )
 GPT2 = "models/gpt2"
 
@@ -186,11 +195,14 @@ def _gpt2(variant: str) -> Config:
 
 
 def _smollm2(variant: str) -> Config:
-    """``smollm2_[indomain_]<setting>_<algo>``: SmolLM2-135M, its top 2 blocks through LoRA;
-    ``smollm2_tiny_<algo>``: the same settings on the committed random tiny Llama."""
+    """``smollm2_[prompt_][indomain_]<setting>_<algo>``: SmolLM2-135M, its top 2 blocks (of
+    the 30, or with ``prompt_`` of the first 24) through LoRA; ``smollm2_tiny_[prompt_]<algo>``:
+    the same settings on the committed random tiny Llama."""
     rest = variant.removeprefix("smollm2_")
     tiny = rest.startswith("tiny_")
     rest = rest.removeprefix("tiny_" if tiny else "")
+    prompt = rest.startswith("prompt_")
+    rest = rest.removeprefix("prompt_")
     # The longest algorithm name that ends the variant (proto_maml before maml).
     algo = max((a for a in SMOLLM2_ALGORITHMS if rest.endswith(a)), key=len, default="")
     setting = rest.removesuffix(algo).removesuffix("_") or "5w1s"
@@ -210,8 +222,9 @@ def _smollm2(variant: str) -> Config:
         queries=2 if tiny else 5,
         model=f"{checkout_fixture('llama_tiny')}/llama.q8_0.gguf" if tiny else "smollm2-135m",
         trainable_blocks=1 if tiny else 2,
-        max_len=48 if tiny else 64,
-        pool="end",
+        max_len=(64 if tiny else PROMPT_MAX_LEN) if prompt else (48 if tiny else 64),
+        pool="prompt" if prompt else "end",
+        num_blocks=(1 if tiny else PROMPT_BLOCKS) if prompt else None,
         lora_rank=2 if tiny else 8,
         lora_alpha=4.0 if tiny else 16.0,
     )
@@ -319,5 +332,5 @@ def variants() -> list[str]:
     tiny = ["tiny", *(f"tiny_{a}" for a in ALGORITHMS[1:])]
     gpt2 = ["gpt2_tiny", "gpt2_tiny_protonets", *(f"gpt2_{v}" for v in GPT2_VARIANTS)]
     gpt2 += [f"smollm2_{v}" for v in SMOLLM2_VARIANTS]
-    gpt2 += [f"smollm2_tiny_{a}" for a in SMOLLM2_ALGORITHMS]
+    gpt2 += [f"smollm2_tiny_{p}{a}" for p in ("", "prompt_") for a in SMOLLM2_ALGORITHMS]
     return [*tiny, *main, *(f"indomain_{v}" for v in main), *gpt2]

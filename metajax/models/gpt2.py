@@ -271,9 +271,10 @@ class GPT2LM(nn.Module):
         *,
         start: int,
         features: bool = False,
+        stop: int | None = None,
     ) -> jax.Array:
         """Blocks ``start..n_layer - 1``, ``ln_f``, then the tied LM head, on :meth:`trunk`'s
-        output.
+        output; with ``stop``, blocks ``start..stop - 1`` and their raw output (no ``ln_f``).
 
         Only the modules it runs take parameters: ``model.init(key, hidden, start=k,
         method="top")`` creates no ``wpe`` and no block below ``k``, and ``apply`` needs none
@@ -284,16 +285,21 @@ class GPT2LM(nn.Module):
           attention_mask: the mask :meth:`trunk` was given (None: none).
           start: the first block to run, ``0 <= start <= n_layer``.
           features: return the final normed states (as :meth:`features`) instead of logits.
+          stop: ``start <= stop <= n_layer``: return the states after block ``stop - 1``
+            (``trunk(tokens, m, blocks=stop)``), an inner layer's features.
 
         Returns:
           Logits ``(batch, seq, vocab_size)``, or ``(batch, seq, n_embd)`` features; float32
           (float64 for float64 compute).
         """
         _check_blocks(start, self.config.n_layer, "start")
-        out = "features" if features else "logits"
-        return self._run(
-            hidden, attention_mask, start=start, stop=self.config.n_layer, out=out, embed=False
-        )
+        if stop is not None:
+            _check_blocks(stop, self.config.n_layer, "stop")
+            if stop < start:
+                raise ValueError(f"stop={stop} < start={start}.")
+        out = "hidden" if stop is not None else "features" if features else "logits"
+        end = self.config.n_layer if stop is None else stop
+        return self._run(hidden, attention_mask, start=start, stop=end, out=out, embed=False)
 
     @nn.compact
     def _run(self, x: jax.Array, attention_mask, *, start: int, stop: int, out: str, embed: bool):

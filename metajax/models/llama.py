@@ -396,17 +396,19 @@ class LlamaLM(nn.Module):
         *,
         start: int,
         features: bool = False,
+        stop: int | None = None,
     ) -> jax.Array:
         """Blocks ``start ..`` end, the final norm and the head, from ``trunk(..., blocks=start)``.
 
         ``top(trunk(x, m, blocks=k), m, start=k) == __call__(x, m)``. Needs no parameters of
-        blocks ``< start`` (nor ``embed_tokens`` when the head is untied).
+        blocks ``< start`` (nor ``embed_tokens`` when the head is untied). With ``stop``: blocks
+        ``start .. stop - 1`` and their raw output, ``trunk(x, m, blocks=stop)`` (an inner
+        layer's features; no norm, no head).
 
         Returns: logits ``(batch, seq, vocab_size)``, or with ``features=True`` the final
         normed states ``(batch, seq, hidden_size)``, in ``promote(float32, dtype)``."""
-        return self._body(
-            None, hidden, attention_mask, start, None, "features" if features else "logits"
-        )
+        out = "hidden" if stop is not None else "features" if features else "logits"
+        return self._body(None, hidden, attention_mask, start, stop, out)
 
     def decode_step(self, token: jax.Array, index: jax.Array, cache: list[KVCache]):
         """One position: the logits ``(batch, vocab_size)`` after ``token`` (int ``(batch,)``)

@@ -63,6 +63,7 @@ class ModelChoice:
 
     model: str = SCRATCH
     trainable_blocks: int | None = None
+    num_blocks: int | None = None
     adapt: str = "lora"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -81,6 +82,9 @@ ATTRIBUTES = """
       trainable_blocks: the top k blocks adapt and meta-train; the embeddings and the
         blocks below are frozen, computed once per text and cached on disk
         ($METAJAX_CACHE_DIR/trunk); none: every block.
+      num_blocks: a classifier's features are the raw states after the model's first n
+        blocks (no final norm; the blocks above are dropped, trainable_blocks counts down
+        from block n); none: the final normed states of every block.
       adapt: what the inner loop adapts: lora, lora+norm (the factors and the norms) or
         all.
       lora_rank: rank of the LoRA factors (>= 1).
@@ -134,8 +138,10 @@ def check(task: ModelChoice) -> None:
             ) from None
     if task.dtype not in DTYPES:
         raise ConfigError(f"task.dtype={task.dtype!r}: choose one of {', '.join(DTYPES)}.")
-    if task.trainable_blocks is not None and task.trainable_blocks < 1:
-        raise ConfigError(f"task.trainable_blocks={task.trainable_blocks} must be >= 1 (or none).")
+    for name in ("trainable_blocks", "num_blocks"):
+        value = getattr(task, name)
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise ConfigError(f"task.{name}={value} must be >= 1 (or none).")
 
 
 def _load(name: str, dtype: Any, remat: bool) -> tuple[Any, Any, Any, list[Path]]:
@@ -203,6 +209,7 @@ class Pretrained:
       meta_params: ``{"base": weights of the trainable part, "lora": factors}``.
       lora: the :class:`metajax.lora.LoRA` of the factors.
       start: the first trainable block; 0 without a frozen trunk.
+      stop: ``task.num_blocks`` where it drops blocks (features of an inner layer), or None.
       trunk: the :class:`TrunkCache` of the frozen blocks, or None.
       start_id, end_id: the tokens that open and close a text (also the padding).
     """
@@ -216,10 +223,24 @@ class Pretrained:
         positions = _config_value(model, "n_positions", "max_position_embeddings")
         if max_len > positions:
             raise ConfigError(f"task.max_len={max_len} > the model's n_positions {positions}.")
+        self.stop = None
+        if task.num_blocks is not None:
+            if lm_head:
+                raise ConfigError(
+                    f"task.num_blocks={task.num_blocks}: this family reads the LM head, which "
+                    "follows the last block; num_blocks is for classifiers."
+                )
+            if task.num_blocks > blocks:
+                raise ConfigError(
+                    f"task.num_blocks={task.num_blocks} must be in [1, {blocks}] (the model's "
+                    "blocks)."
+                )
+            self.stop = task.num_blocks if task.num_blocks < blocks else None
+            blocks = task.num_blocks
         k = task.trainable_blocks
         if k is not None and not 1 <= k <= blocks:
             raise ConfigError(
-                f"task.trainable_blocks={k} must be in [1, {blocks}] (the model's blocks)."
+                f"task.trainable_blocks={k} must be in [1, {blocks}] (the blocks used)."
             )
         vocab = getattr(tokenizer, "vocab_size", 0)
         if vocab > _config_value(model, "vocab_size"):
@@ -231,6 +252,9 @@ class Pretrained:
         self.end_id = _token_id(tokenizer, _END_TOKENS, "end", task.model)
         self.start, self.trunk, self.trunk_params = 0, None, None
         base = params
+        if self.stop is not None:
+            tokens = jnp.zeros((1, max_len), jnp.int32)
+            base = _select(params, _used(model, "trunk", tokens, blocks=self.stop))
         if k is not None:
             self.start = blocks - k
             tokens = jnp.zeros((1, max_len), jnp.int32)
@@ -240,7 +264,9 @@ class Pretrained:
                 self.trunk_params,
                 tokens,
             )
-            top = _used(model, "top", hidden, start=self.start, features=not lm_head)
+            top = _used(
+                model, "top", hidden, start=self.start, features=not lm_head, stop=self.stop
+            )
             base = _select(params, top)
             digest = file_digest(files) if files else params_digest(self.trunk_params)
             self.trunk = TrunkCache(model, self.trunk_params, self.start, digest)
@@ -278,7 +304,11 @@ class Pretrained:
         params = self.lora.merge(meta_params)
         if self.trunk is not None:
             x = x[1] if isinstance(x, tuple) else x
-            return self.model.apply(params, x, start=self.start, features=features, method="top")
+            return self.model.apply(
+                params, x, start=self.start, features=features, stop=self.stop, method="top"
+            )
+        if self.stop is not None:
+            return self.model.apply(params, x, blocks=self.stop, method="trunk")
         return self.model.apply(params, x, method="features" if features else None)
 
     def decoder(self) -> tuple[Any, Any]:

@@ -14,8 +14,11 @@ attention mask for: no real token sees the pads after it.
   a run of words or a marker, is encoded on its own with a leading space, so a marker is
   always the same ids and no BPE merge crosses one; a model reads the state at the last
   token of a marker (``pool="start"``: ``[E1]`` and ``[E2]``; ``"end"``: ``[/E1]`` and
-  ``[/E2]``, which in a causal model have read their entity). Truncation keeps every marker
-  token (:func:`metajax.tasks.fewrel._truncate`'s ranking).
+  ``[/E2]``, which in a causal model have read their entity). ``pool="prompt"`` follows the
+  sentence with :data:`PROMPT`, which names head and tail again, and reads the last token of
+  each restated name: in a causal model those states have read the whole sentence and both
+  entities. Truncation keeps every marker token and the prompt
+  (:func:`metajax.tasks.fewrel._truncate`'s ranking).
 - Translation (:class:`PairEncoder`, :class:`TranslateTokens`): ``start source " =" " target"
   end``; the mask is 1 on the target's tokens and the end token, so the prompt
   ``start source " ="`` is the decoder's input at test time.
@@ -34,7 +37,10 @@ from metajax.tasks.base import TaskSource, split_id, task_rng
 from metajax.types import Task
 
 EncodeIds = Callable[[str], list[int]]
-POOLS = {"start": (0, 2), "end": (1, 3)}  # indices into fewrel.MARKERS
+POOLS = {"start": (0, 2), "end": (1, 3), "prompt": None}  # indices into fewrel.MARKERS
+# pool="prompt": the text after the sentence; each name is cut to its first NAME_TOKENS tokens.
+PROMPT = " The relation between {head} and {tail} is"
+NAME_TOKENS = 8
 
 
 class TokenEncoder:
@@ -99,30 +105,39 @@ class WordTokens(TaskSource):
 class MarkerEncoder:
     """FewRel sentences -> ``(tokens int32 (n, max_len), positions int32 (n, 2))``.
 
-    ``positions[i]`` are the indices of the last token of the two markers of ``pool``.
+    ``positions[i]`` are the indices of the last token of the two markers of ``pool``, or
+    with ``pool="prompt"`` of the head's and the tail's name in :data:`PROMPT`.
 
     Args:
       encode_ids: ``text -> list of token ids`` (no special tokens).
       start_id: the first token, also the padding.
       max_len: tokens per sequence.
-      pool: ``"start"`` or ``"end"`` (:data:`POOLS`).
+      pool: ``"start"``, ``"end"`` or ``"prompt"`` (:data:`POOLS`).
 
     Raises:
-      ValueError: ``max_len`` has no room for the start token and the four markers.
+      ValueError: an unknown pool, or ``max_len`` has no room for the start token, the four
+        markers (and the prompt with names of :data:`NAME_TOKENS` tokens).
     """
 
     def __init__(self, encode_ids: EncodeIds, start_id: int, max_len: int, pool: str):
+        if pool not in POOLS:
+            raise ValueError(f"pool={pool!r}: choose one of {', '.join(POOLS)}.")
         self.encode_ids, self.start_id, self.max_len = encode_ids, start_id, max_len
-        self.slots = POOLS[pool]
+        self.pool, self.slots = pool, POOLS[pool]
         self.marker_ids = tuple(tuple(encode_ids(" " + m)) for m in fewrel.MARKERS)
         self.min_len = 1 + sum(len(m) for m in self.marker_ids)
+        what = "the start token and the 4 entity markers"
+        if pool == "prompt":
+            before, rest = PROMPT.split("{head}")
+            # Each name is encoded with its leading space: the text around it ends without one.
+            parts = (before, *rest.split("{tail}"))
+            self.prompt_ids = tuple(tuple(encode_ids(t.rstrip())) for t in parts)
+            self.min_len += sum(len(t) for t in self.prompt_ids) + 2 * NAME_TOKENS
+            what += f", the prompt and 2 names of {NAME_TOKENS} tokens"
         # Marker s's last token is entry ends[s] of the marker tokens listed marker by marker.
         self._ends = np.cumsum([len(m) for m in self.marker_ids]) - 1
         if max_len < self.min_len:
-            raise ValueError(
-                f"max_len={max_len}: needs room for the start token and the 4 entity markers "
-                f"({self.min_len} tokens)."
-            )
+            raise ValueError(f"max_len={max_len}: needs room for {what} ({self.min_len} tokens).")
 
     def __call__(self, sentences: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         """Encodes :data:`~metajax.tasks.fewrel.Sentence` tuples or FewRel dicts."""
@@ -148,9 +163,25 @@ class MarkerEncoder:
                 ids.extend(self.marker_ids[piece])
             else:
                 ids.extend(self.encode_ids(" " + piece))
+        if self.pool == "prompt":
+            prompt, names_end = self._prompt(sent)
+            kept, _ = fewrel._truncate(ids, marker_tokens, self.max_len - 1 - len(prompt))
+            offset = 1 + len(kept)
+            return [self.start_id, *kept, *prompt], tuple(offset + e for e in names_end)
         kept, where = fewrel._truncate(ids, marker_tokens, self.max_len - 1)
         head, tail = (where[self._ends[s]] + 1 for s in self.slots)  # + 1: the start token
         return [self.start_id, *kept], (head, tail)
+
+    def _prompt(self, sent: fewrel.Sentence) -> tuple[list[int], tuple[int, int]]:
+        """:data:`PROMPT`'s ids for ``sent`` and the index in them of each name's last token."""
+        words, (h0, h1), (t0, t1) = sent
+        before, between, after = self.prompt_ids
+        ids, ends = list(before), []
+        for lo, hi, text in ((h0, h1, between), (t0, t1, after)):
+            ids.extend(self.encode_ids(" " + " ".join(words[lo:hi]))[:NAME_TOKENS])
+            ends.append(len(ids) - 1)
+            ids.extend(text)
+        return ids, (ends[0], ends[1])
 
 
 def _pieces(sent: fewrel.Sentence) -> list[str | int]:

@@ -13,7 +13,11 @@ states at the last token of the two markers of ``task.pool``, concatenated. Meta
 ``{"model": {"base", "lora"}, "head": N-way linear head}``; the head starts at zero (every
 class equally likely) and adapts in the inner loop with the factors; ProtoNets meta-learns
 ``{"model": ...}`` without the head. A causal model's state at ``[E1]`` has read only what
-comes before the head entity; ``pool="end"`` reads ``[/E1]`` and ``[/E2]`` instead.
+comes before the head entity; ``pool="end"`` reads ``[/E1]`` and ``[/E2]`` instead, and
+``pool="prompt"`` follows the sentence with a prompt that names both entities again and reads
+the last token of each name, states that have read the whole sentence
+(:data:`metajax.tasks.text_encoding.PROMPT`). ``task.num_blocks`` reads the features after an
+inner block instead of the final norm.
 
 Model inputs are ``(tokens int32 (n, L), positions int32 (n, 2))`` (with a frozen trunk,
 ``task.trainable_blocks``, its float32 states ``(n, L, width)`` instead of the tokens); a
@@ -76,8 +80,10 @@ class FewRelTask(ModelChoice):
       mlp_width: scratch: hidden width of each block's MLP.
       eval_split: meta-split evaluated: test (relations never seen in meta-training) or
         validation.
-      pool: pretrained model: start (the states at [E1] and [E2]) or end (at [/E1] and
-        [/E2], which have read their entity in a causal model); scratch pools at start.
+      pool: pretrained model: start (the states at [E1] and [E2]), end (at [/E1] and
+        [/E2], which have read their entity in a causal model) or prompt (at the head's and
+        the tail's names restated in a prompt after the sentence, which have read all of
+        it); scratch pools at start.
     """
 
     protocol: str = "cross_domain"
@@ -146,7 +152,7 @@ def build(config: Config) -> Setup:
     task: FewRelTask = config.task
     pretrained_choice.check(task)
     if task.pool not in POOLS:
-        raise ConfigError(f"task.pool={task.pool!r}: choose start or end.")
+        raise ConfigError(f"task.pool={task.pool!r}: choose one of {', '.join(POOLS)}.")
     if task.model != SCRATCH:
         return _build_pretrained(config, task)
     if task.pool != "start":
