@@ -3,7 +3,8 @@
 Reads, under RUNS (default ``runs``): ``sm_5w1s_<algo>/eval.json`` (5-way 1-shot news, at the
 checkpoint and rate chosen on validation by ``experiments/choose_on_validation.py``),
 ``sm_5w1s_<algo>/eval_5shot.json`` (the same runs on 5-shot tasks),
-``sm_5w5s_<algo>/eval.json`` (runs meta-trained on 5-shot tasks), the ``validation*/choice.json``
+``sm_5w5s_<algo>/eval.json`` (runs meta-trained on 5-shot tasks), the same under
+``sm_prompt_<setting>_<algo>`` (the ``smollm2_prompt_*`` configs), the ``validation*/choice.json``
 files, ``sm_finetune/eval_<k>shot.json`` (``experiments/fewrel_finetune.py``), and
 ``experiments/results/fewrel_frozen_features.json``; the word-overlap reference is computed
 here (seconds). Prints markdown tables and writes
@@ -46,13 +47,19 @@ def read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+PROMPT = "prompt_"
+PROMPT_NOTE = ", prompt readout after block 16"
+
+
 def run_rows(runs: Path, suffix: str, setting: str = "5w1s", note: str = "") -> dict:
-    """``{name: (accuracy by step, ci by step, chosen steps, choice, test tasks, algo)}`` of
-    the runs found, each name ``NAMES[algo] + note``; ``eval_10steps.json`` (the same test
-    tasks adapted up to 10 steps) is read instead of ``eval.json`` where there is one."""
+    """``{name: (accuracy by step, ci by step, chosen steps, choice, test tasks, algo,
+    readout)}`` of the runs found, with the end-marker readout (``sm_<setting>_<algo>``) and
+    the prompt readout (``sm_prompt_<setting>_<algo>``), each name ``NAMES[algo] + note``
+    (and :data:`PROMPT_NOTE`); ``eval_10steps.json`` (the same test tasks adapted up to 10
+    steps) is read instead of ``eval.json`` where there is one."""
     rows = {}
-    for algo in NAMES:
-        workdir = runs / f"sm_{setting}_{algo}"
+    for readout, algo in ((r, a) for r in ("", PROMPT) for a in NAMES):
+        workdir = runs / f"sm_{readout}{setting}_{algo}"
         result = read(workdir / f"eval_10steps{suffix}.json") or read(
             workdir / f"eval{suffix}.json"
         )
@@ -64,13 +71,14 @@ def run_rows(runs: Path, suffix: str, setting: str = "5w1s", note: str = "") -> 
         # the row's main cell is its last step count, and its label says nothing was chosen.
         best = choice["best"] if choice else None
         steps = best["adaptation_steps"] if best else len(acc["mean"]) - 1
-        rows[NAMES[algo] + note] = (
+        rows[NAMES[algo] + note + (PROMPT_NOTE if readout else "")] = (
             acc["mean"],
             acc["ci95"],
             steps,
             best,
             result["num_tasks"],
             algo,
+            readout,
         )
     return rows
 
@@ -90,7 +98,7 @@ def table(title, rows, finetune, frozen, overlap) -> list[str]:
         ).replace("**", "")
     )
     lines.append("|---" * (3 + len(STEP_COLUMNS)) + "|")
-    for name, (mean, ci, k, best, tasks, _) in rows.items():
+    for name, (mean, ci, k, best, tasks, *_) in rows.items():
         chosen = (
             f"checkpoint {best['step']}, rate {best['rate'] or '-'}, {k} steps"
             if best
@@ -114,20 +122,19 @@ def table(title, rows, finetune, frozen, overlap) -> list[str]:
         lines.append(
             row("fine-tuned, prototypes of its features", "-", cell(*finetune["test_prototypes"]))
         )
-    if frozen:
-        lines.append(
-            row("frozen SmolLM2 features, prototypes (no training)", frozen[1], cell(*frozen[0]))
-        )
+    for result, label in frozen:
+        lines.append(row("frozen SmolLM2 features, prototypes (no training)", label, cell(*result)))
     lines.append(row("word overlap (nothing learned)", "-", cell(*overlap)))
     return lines
 
 
 def figure(rows, finetune, frozen, overlap, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (mean, ci, _, _, _, algo) in rows.items():
+    for name, (mean, ci, _, _, _, algo, readout) in rows.items():
         color = f"C{list(NAMES).index(algo)}"
         if len(mean) == 1:
-            ax.axhline(100 * mean[0], color=color, ls="--", label=f"{name} (no steps)")
+            ls = "-." if readout else "--"
+            ax.axhline(100 * mean[0], color=color, ls=ls, label=f"{name} (no steps)")
             continue
         m = [100 * v for v in mean]
         ax.errorbar(
@@ -135,7 +142,7 @@ def figure(rows, finetune, frozen, overlap, path: Path) -> None:
             m,
             yerr=[100 * c for c in ci],
             color=color,
-            marker="o",
+            marker="s" if readout else "o",
             ms=3,
             capsize=2,
             label=name,
@@ -143,8 +150,9 @@ def figure(rows, finetune, frozen, overlap, path: Path) -> None:
     if finetune:
         m = [100 * v for v in finetune["test"]["mean"]]
         ax.plot(range(len(m)), m, "k-.", marker="s", ms=3, label="fine-tuned on pooled relations")
-    if frozen:
-        ax.axhline(100 * frozen[0][0], color="C7", ls=":", label="frozen features, prototypes")
+    for (mean, _), label in frozen:
+        ls = ":" if label.startswith("end") else (0, (1, 4))
+        ax.axhline(100 * mean, color="C7", ls=ls, label=f"frozen features, prototypes ({label})")
     ax.axhline(100 * overlap[0], color="C8", ls="--", label="word overlap")
     ax.axhline(20, color="k", lw=0.5)
     ax.set_xlabel("adaptation steps on the support set")
@@ -154,6 +162,17 @@ def figure(rows, finetune, frozen, overlap, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def frozen_rows(frozen_file: dict | None, setting: str, where: str = "") -> list:
+    """``[((accuracy, ci), label)]``: the frozen features of each pooling at the layer and
+    distance chosen for it on validation."""
+    rows = []
+    for pool, choice in (frozen_file or {}).get("pools", {}).items():
+        result = choice["settings"][setting]
+        label = f"{pool}: layer {choice['layer']}, {choice['distance']}{where}"
+        rows.append(((result["accuracy"], result["ci95"]), label))
+    return rows
 
 
 def main():
@@ -167,24 +186,14 @@ def main():
         if shots == 5:
             rows |= run_rows(args.runs, "", setting="5w5s", note=", meta-trained at 5 shots")
         finetune = read(args.runs / "sm_finetune" / f"eval_{shots}shot.json")
-        frozen = None
-        if frozen_file:
-            c = frozen_file["choice"]
-            setting = frozen_file["settings"][f"cross-domain 5w{shots}s"]
-            frozen = (
-                (setting["accuracy"], setting["ci95"]),
-                f"layer {c['layer']}, {c['pool']}, {c['distance']}",
-            )
+        frozen = frozen_rows(frozen_file, f"cross-domain 5w{shots}s")
         overlap = word_overlap("cross_domain", shots, "test")
         title = f"Cross-domain 5-way {shots}-shot (test: the 25 news relations)"
         print("\n".join(table(title, rows, finetune, frozen, overlap)) + "\n")
         if shots == 1:
             figure(rows, finetune, frozen, overlap, RESULTS / "fewrel_smollm2_steps.png")
     rows = run_rows(args.runs, "", setting="indomain_5w1s")
-    frozen = None
-    if frozen_file:
-        setting = frozen_file["settings"]["in-domain 5w1s"]
-        frozen = ((setting["accuracy"], setting["ci95"]), "the cross-domain protocol's choice")
+    frozen = frozen_rows(frozen_file, "in-domain 5w1s", " (the cross-domain protocol's)")
     overlap = word_overlap("in_domain", 1, "test")
     title = "In-domain 5-way 1-shot (test: 5 held-out Wikipedia relations)"
     print("\n".join(table(title, rows, None, frozen, overlap)))

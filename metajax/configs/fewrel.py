@@ -63,7 +63,8 @@ tasks. ``smollm2_tiny_<algo>``: the same on the committed random tiny Llama (sec
 ``smollm2_prompt_*`` (and ``smollm2_tiny_prompt_<algo>``): the same with the readout the
 frozen features do best with on the validation relations: each sentence followed by a prompt
 that names head and tail again (``pool=prompt``, 80 tokens), the states at the two names read
-after block 24 (``num_blocks=24``; blocks 22 and 23 train through LoRA).
+after block 16 (``num_blocks=16``; blocks 14 and 15 train through LoRA, the 14 below are the
+cached frozen trunk and the 14 above are not used).
 """
 
 import dataclasses
@@ -96,8 +97,8 @@ SMOLLM2_VARIANTS = tuple(
     f"{p}{s}_{a}" for p in ("", "prompt_") for s in SMOLLM2_SETTINGS for a in SMOLLM2_ALGORITHMS
 )
 # smollm2_prompt_*: the frozen features' best readout on the validation relations
-# (experiments/fewrel_frozen_features.py): the prompt pool after block 24 of 30.
-PROMPT_BLOCKS, PROMPT_MAX_LEN = 24, 80
+# (experiments/fewrel_frozen_features.py): the prompt pool after block 16 of 30.
+PROMPT_BLOCKS, PROMPT_MAX_LEN = 16, 80
 VARIANTS = (
     *(f"{p}{s}_{a}" for p in ("", "indomain_") for s in SETTINGS for a in ALGORITHMS),
     "tiny",
@@ -196,7 +197,7 @@ def _gpt2(variant: str) -> Config:
 
 def _smollm2(variant: str) -> Config:
     """``smollm2_[prompt_][indomain_]<setting>_<algo>``: SmolLM2-135M, its top 2 blocks (of
-    the 30, or with ``prompt_`` of the first 24) through LoRA; ``smollm2_tiny_[prompt_]<algo>``:
+    the 30, or with ``prompt_`` of the first 16) through LoRA; ``smollm2_tiny_[prompt_]<algo>``:
     the same settings on the committed random tiny Llama."""
     rest = variant.removeprefix("smollm2_")
     tiny = rest.startswith("tiny_")
