@@ -377,7 +377,10 @@ def _centered_cosines(queries, prototypes):
         ({"num_blocks": 3}, "task.num_blocks=3 must be in [1, 2]"),
         ({"num_blocks": 0}, "task.num_blocks=0 must be >= 1"),
         ({"num_blocks": 1, "trainable_blocks": 2}, "task.trainable_blocks=2 must be in [1, 1]"),
-        ({"pool": "prompt"}, "task.max_len=40: needs room for the start token and the 4 entity markers, the prompt"),
+        (
+            {"pool": "prompt"},
+            "task.max_len=40: needs room for the start token and the 4 entity markers, the prompt",
+        ),
         ({"lora_rank": 0}, "task.lora_rank=0 must be"),
     ],
 )
