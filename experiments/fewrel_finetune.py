@@ -7,12 +7,16 @@ and pooling: those of ``--config``, default ``fewrel:smollm2_5w1s_maml``). The
 relation head is then dropped, and each test task is adapted exactly as the meta-learned
 rows are: a zero 5-way head and the factors, SGD on the support sentences, accuracy on the
 query after 0 to 5 steps (``metajax.evaluate``, the runner's evaluation); and, with no
-steps at all, nearest prototypes of the fine-tuned features. The inner rate and the
-number of steps are chosen on the validation relations (``--validation-tasks``, 100), then
-the test tasks (``--test-tasks``, 600) are evaluated once::
+steps at all, nearest prototypes of the fine-tuned features (``--distance``: squared
+Euclidean, or the centered cosine that the prompt readout's frozen features use). The
+inner rate and the number of steps are chosen on the validation relations
+(``--validation-tasks``, 100), then the test tasks (``--test-tasks``, 600) are evaluated
+once::
 
     .venv/bin/python experiments/fewrel_finetune.py --workdir runs/sm_finetune \\
         --shots 1 5 --steps 300 --rates 0.01 0.03
+    .venv/bin/python experiments/fewrel_finetune.py --workdir runs/sm_prompt_finetune \
+        --config fewrel:smollm2_prompt_5w1s_maml --distance centered_cosine --shots 1 5
 
 Writes WORKDIR/params.pkl (resumed from WORKDIR/progress.pkl after an interruption) and
 WORKDIR/eval_<setting>.json for each ``--shots`` given.
@@ -105,9 +109,11 @@ def fine_tune(experiment, sentences, labels, args, workdir: Path):
     return jax.device_get({"model": params["model"]})
 
 
-def evaluate(experiment, embedding_params, split: str, shots: int, rate: float, num_tasks: int):
+def evaluate(
+    experiment, embedding_params, split: str, shots: int, rate: float, num_tasks: int, distance
+):
     """Per-task accuracy ``(num_tasks, EVAL_STEPS + 1)`` of the adapted rows, and
-    ``(num_tasks,)`` of the prototypes, on ``split``."""
+    ``(num_tasks,)`` of the prototypes by ``distance`` (a name), on ``split``."""
     config = experiment.config
     task = dataclasses.replace(config.task, eval_split=split, shots=shots)
     setup = build(dataclasses.replace(config, task=task)).setup
@@ -125,10 +131,11 @@ def evaluate(experiment, embedding_params, split: str, shots: int, rate: float, 
     )["accuracy"]
     emb = setup.embedding
     protonets = mj.protonets(emb.apply_fn, ways=emb.ways)
-    from metajax.algorithms.protonets import protonet_logits
+    from metajax.algorithms.protonets import distance_by_name, protonet_logits
     from metajax.models.losses import accuracy_metric, classification_loss
 
-    logits = lambda a, x: protonet_logits(emb.apply_fn, a, x)
+    distance_fn = distance_by_name(distance)  # the scale does not change the nearest class
+    logits = lambda a, x: protonet_logits(emb.apply_fn, a, x, distance_fn)
     prototypes = mj.evaluate(
         protonets,
         {"model": embedding_params["model"]},
@@ -154,6 +161,12 @@ def main():
     parser.add_argument("--shots", type=int, nargs="+", default=[1])
     parser.add_argument("--validation-tasks", type=int, default=100)
     parser.add_argument("--test-tasks", type=int, default=600)
+    parser.add_argument(
+        "--distance",
+        choices=("squared_euclidean", "centered_cosine"),
+        default="squared_euclidean",
+        help="the prototypes' distance",
+    )
     args = parser.parse_args()
     use_shared_data()
     if min(args.steps, args.batch, args.validation_tasks, args.test_tasks) < 1:
@@ -173,11 +186,18 @@ def main():
     validation_split = "validation" if experiment.config.task.val_relations else None
     for shots in args.shots:
         out = {"shots": shots, "fine_tuning_steps": args.steps, "batch": args.batch}
+        out["distance"] = args.distance
         if validation_split:
             best = (-1.0, None, None)
             for rate in args.rates:
                 acc, protos = evaluate(
-                    experiment, params, validation_split, shots, rate, args.validation_tasks
+                    experiment,
+                    params,
+                    validation_split,
+                    shots,
+                    rate,
+                    args.validation_tasks,
+                    args.distance,
                 )
                 by_steps = acc.mean(0)
                 print(
@@ -192,7 +212,9 @@ def main():
             _, rate, steps = best
         else:
             rate, steps = args.rates[0], EVAL_STEPS
-        acc, protos = evaluate(experiment, params, "test", shots, rate, args.test_tasks)
+        acc, protos = evaluate(
+            experiment, params, "test", shots, rate, args.test_tasks, args.distance
+        )
         summary = mj.summarize({"accuracy": acc})["accuracy"]
         out.update(
             rate=rate,

@@ -7,8 +7,9 @@ checkpoint and rate chosen on validation by ``experiments/choose_on_validation.p
 ``sm_prompt_<setting>_<algo>`` (the ``smollm2_prompt_*`` configs), the ``validation*/choice.json``
 files, ``sm_finetune/eval_<k>shot.json`` (``experiments/fewrel_finetune.py``), and
 ``experiments/results/fewrel_frozen_features.json``; the word-overlap reference is computed
-here (seconds). Prints markdown tables and writes
-``experiments/results/fewrel_smollm2_steps.png``::
+here (seconds). Prints markdown tables and writes the figure of each readout that has runs,
+``experiments/results/fewrel_smollm2_steps.png`` (end markers) and
+``experiments/results/fewrel_smollm2_prompt_steps.png`` (the prompt)::
 
     .venv/bin/python experiments/fewrel_pretrained_results.py runs
 """
@@ -128,7 +129,7 @@ def table(title, rows, finetune, frozen, overlap) -> list[str]:
     return lines
 
 
-def figure(rows, finetune, frozen, overlap, path: Path) -> None:
+def figure(rows, finetune, frozen, overlap, path: Path, readout: str = "") -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, (mean, ci, _, _, _, algo, readout) in rows.items():
         color = f"C{list(NAMES).index(algo)}"
@@ -157,7 +158,8 @@ def figure(rows, finetune, frozen, overlap, path: Path) -> None:
     ax.axhline(20, color="k", lw=0.5)
     ax.set_xlabel("adaptation steps on the support set")
     ax.set_ylabel("query accuracy on news, %")
-    ax.set_title("FewRel 5-way 1-shot, Wikipedia/SemEval to news: SmolLM2-135M")
+    where = "the entities named after the sentence, block 16" if readout else "the end markers"
+    ax.set_title(f"FewRel 5-way 1-shot, Wikipedia/SemEval to news: SmolLM2-135M\nread at {where}")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -191,7 +193,17 @@ def main():
         title = f"Cross-domain 5-way {shots}-shot (test: the 25 news relations)"
         print("\n".join(table(title, rows, finetune, frozen, overlap)) + "\n")
         if shots == 1:
-            figure(rows, finetune, frozen, overlap, RESULTS / "fewrel_smollm2_steps.png")
+            # One figure per readout, each with its own frozen-features line; a readout
+            # without runs keeps the figure it has.
+            for readout, name in (
+                ("", "fewrel_smollm2_steps"),
+                (PROMPT, "fewrel_smollm2_prompt_steps"),
+            ):
+                mine = {k: v for k, v in rows.items() if v[-1] == readout}
+                lines = [f for f in frozen if f[1].startswith("prompt") == bool(readout)]
+                if mine:
+                    tune = None if readout else finetune
+                    figure(mine, tune, lines, overlap, RESULTS / f"{name}.png", readout)
     rows = run_rows(args.runs, "", setting="indomain_5w1s")
     frozen = frozen_rows(frozen_file, "in-domain 5w1s", " (the cross-domain protocol's)")
     overlap = word_overlap("in_domain", 1, "test")
