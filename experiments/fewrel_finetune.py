@@ -15,7 +15,7 @@ once::
 
     .venv/bin/python experiments/fewrel_finetune.py --workdir runs/sm_finetune \\
         --shots 1 5 --steps 300 --rates 0.01 0.03
-    .venv/bin/python experiments/fewrel_finetune.py --workdir runs/sm_prompt_finetune \
+    .venv/bin/python experiments/fewrel_finetune.py --workdir runs/sm_prompt_finetune \\
         --config fewrel:smollm2_prompt_5w1s_maml --distance centered_cosine --shots 1 5
 
 Writes WORKDIR/params.pkl (resumed from WORKDIR/progress.pkl after an interruption) and

@@ -129,7 +129,7 @@ def table(title, rows, finetune, frozen, overlap) -> list[str]:
     return lines
 
 
-def figure(rows, finetune, frozen, overlap, path: Path, readout: str = "") -> None:
+def figure(rows, finetune, frozen, overlap, path: Path, prompt: bool = False) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, (mean, ci, _, _, _, algo, readout) in rows.items():
         color = f"C{list(NAMES).index(algo)}"
@@ -158,7 +158,7 @@ def figure(rows, finetune, frozen, overlap, path: Path, readout: str = "") -> No
     ax.axhline(20, color="k", lw=0.5)
     ax.set_xlabel("adaptation steps on the support set")
     ax.set_ylabel("query accuracy on news, %")
-    where = "the entities named after the sentence, block 16" if readout else "the end markers"
+    where = "the entities named after the sentence, block 16" if prompt else "the end markers"
     ax.set_title(f"FewRel 5-way 1-shot, Wikipedia/SemEval to news: SmolLM2-135M\nread at {where}")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -203,7 +203,7 @@ def main():
                 lines = [f for f in frozen if f[1].startswith("prompt") == bool(readout)]
                 if mine:
                     tune = None if readout else finetune
-                    figure(mine, tune, lines, overlap, RESULTS / f"{name}.png", readout)
+                    figure(mine, tune, lines, overlap, RESULTS / f"{name}.png", bool(readout))
     rows = run_rows(args.runs, "", setting="indomain_5w1s")
     frozen = frozen_rows(frozen_file, "in-domain 5w1s", " (the cross-domain protocol's)")
     overlap = word_overlap("in_domain", 1, "test")
