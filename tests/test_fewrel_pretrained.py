@@ -151,6 +151,52 @@ def test_num_blocks_reads_the_raw_states_after_an_inner_block(tmp_path):
         assert np.abs(np.take_along_axis(final, positions[:, :, None], 1) - want).max() > 0.1
 
 
+def test_centered_head_input_subtracts_the_meta_training_mean_and_normalizes(tmp_path):
+    # pool=end: the states at [E1] of these toy sentences have read the same tokens.
+    fields = dict(num_blocks=1, trainable_blocks=1, pool="end")
+    raw = build_experiment(_config(tmp_path, "maml", **fields))
+    exp = build_experiment(_config(tmp_path, "maml", head_input="centered", **fields))
+    embed = lambda e, x: np.asarray(e.setup.embedding.apply_fn(e.setup.embedding.params, x))
+    # The center: the raw features' mean over the sentences taken in turn from each relation.
+    source = raw.setup.train_source  # tokens -> the model's inputs (the trunk's states)
+    inputs, _ = source.fn((source.first_sentences(fewrel_family.CENTER_SENTENCES), None))
+    center = embed(raw, inputs).reshape(-1, 2, 32).mean(0)
+    task = jax.tree.map(lambda a: a[0], raw.setup.eval_source.sample(0, 1))
+    x, _ = task.query
+    shifted = embed(raw, x).reshape(-1, 2, 32) - center
+    want = shifted / np.sqrt((shifted**2).mean(-1, keepdims=True))
+    got = embed(exp, x)
+    np.testing.assert_allclose(got, want.reshape(len(got), -1), rtol=1e-3, atol=1e-3)
+    assert np.abs(got - embed(raw, x)).max() > 0.1
+    # The head reads the same features.
+    head = {"kernel": jax.random.normal(jax.random.key(1), (64, 2)), "bias": jnp.array([0.5, -1])}
+    logits = exp.evaluator.predict_fn({**exp.params, "head": head}, x)
+    np.testing.assert_allclose(logits, got @ head["kernel"] + head["bias"], rtol=1e-3, atol=1e-3)
+
+
+def test_first_sentences_take_each_relation_in_turn_whatever_the_task_shape(tmp_path):
+    train, val, test = toy_files(tmp_path)
+    splits = F.protocol_splits("files", (train,), (val,), (test,))
+    encoder = byte_encoder(40)
+    rows = {}
+    for shots, seed in ((1, 0), (2, 5)):
+        source = F.FewRel(splits, ways=2, shots=shots, queries=1, seed=seed, tokenizer="byte")
+        rows[shots] = G.FewRelTokens(source, encoder).first_sentences(5)
+    np.testing.assert_array_equal(rows[1][0], rows[2][0])
+    relations = list(F.resolve(splits)["train"].values())
+    order = [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1)]
+    for row, (r, i) in enumerate(order):
+        ids, where = encoder.encode_one(relations[r][i])
+        assert rows[1][0][row, : len(ids)].tolist() == ids and tuple(rows[1][1][row]) == where
+    assert len(G.FewRelTokens(source, encoder).first_sentences(100)[0]) == 12  # all of them
+
+
+def test_centered_head_input_needs_a_pretrained_model(tmp_path):
+    config = _config(tmp_path, "maml", model="scratch", head_input="centered", lora_rank=8)
+    with pytest.raises(ConfigError, match="task.head_input='centered': centering needs a pre"):
+        fewrel_family.build(config)
+
+
 def test_features_are_the_states_the_tied_head_reads():
     model, params = load_gpt2(FIXTURE)
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 320)
@@ -300,6 +346,7 @@ def test_cli_smollm2_tiny_variants_train_on_the_tiny_llama(tmp_path, variant):
     prompt = variant.startswith("prompt_")
     assert config["task"]["pool"] == ("prompt" if prompt else "end")
     assert config["task"]["num_blocks"] == (1 if prompt else None)
+    assert config["task"]["head_input"] == ("centered" if variant == "prompt_maml" else "raw")
     cosine = algo in ("cosine", "proto_fomaml")
     assert config["algorithm"]["distance"] == ("centered_cosine" if cosine else "squared_euclidean")
     if algo == "proto_fomaml":  # a user's sentences: the prototype head, then 2 steps
@@ -382,6 +429,7 @@ def _centered_cosines(queries, prototypes):
             "task.max_len=40: needs room for the start token and the 4 entity markers, the prompt",
         ),
         ({"lora_rank": 0}, "task.lora_rank=0 must be"),
+        ({"head_input": "mean"}, "task.head_input='mean': choose one of raw, centered"),
     ],
 )
 def test_bad_task_values_name_the_field(tmp_path, task, message):

@@ -10,7 +10,8 @@ import pytest
 from conftest import data_dir, needs_data
 
 from metajax.run import cli, predict
-from metajax.run.build import ALGORITHMS
+from metajax.run.build import ALGORITHMS, build
+from metajax.run.workdir import read_config
 
 BASE = [
     "--no-progress",
@@ -110,6 +111,40 @@ def test_embedding_algorithms_on_a_regression_family_say_why(tmp_path, capsys, n
     assert code == 2
     err = capsys.readouterr().err
     assert name in err and "not a classification family" in err
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("name", ["fomaml", "reptile", "anil", "imaml"])
+def test_zero_head_starts_every_task_at_zero_and_meta_learns_the_body(tmp_path, name):
+    code, workdir = _train(tmp_path, name, "algorithm.zero_head=true", "algorithm.inner_steps=2")
+    assert code == 0
+    model = predict.load(workdir)
+    params = model.meta_params["params"]
+    # The sinusoid family's head is its last Dense layer (one hidden layer in sinusoid:tiny).
+    assert all(np.all(np.asarray(p) == 0) for p in jax.tree.leaves(params["Dense_1"]))
+    x = np.linspace(-4.0, 4.0, 5, dtype=np.float32)
+    zero_head = jax.tree.map(np.zeros_like, params["Dense_1"])
+    start = model.adapt(x, np.sin(x), steps=0)["params"]
+    np.testing.assert_array_equal(start["Dense_1"]["kernel"], zero_head["kernel"])
+    adapted = model.adapt(x, np.sin(x), steps=1)["params"]
+    assert np.abs(np.asarray(adapted["Dense_1"]["kernel"])).max() > 0
+    # The body was meta-learned: it left its initialisation.
+    init = build(read_config(workdir)).params["params"]
+    moved = np.abs(np.asarray(params["Dense_0"]["kernel"] - init["Dense_0"]["kernel"])).max()
+    assert moved > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("meta_sgd", "algorithm.zero_head=True: meta_sgd takes no 'zero_head'"),
+        ("reptile", "reptile with inner_steps=1 never moves the body"),
+    ],
+)
+def test_zero_head_is_refused_where_it_cannot_work(tmp_path, capsys, name, message):
+    code, workdir = _train(tmp_path, name, "algorithm.zero_head=true", "algorithm.inner_steps=1")
+    assert code == 2
+    assert message in capsys.readouterr().err
     assert not workdir.exists()
 
 

@@ -15,6 +15,8 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from metajax import algorithms
@@ -22,6 +24,7 @@ from metajax.algorithms import MetaLearner
 from metajax.algorithms.proto_maml import proto_maml_logits
 from metajax.algorithms.protonets import distance_by_name, protonet_logits
 from metajax.models.losses import accuracy_metric, classification_loss
+from metajax.paths import mask_by_path
 from metajax.run import families
 from metajax.run.config import AlgorithmConfig, Config, ConfigError, OptimizerConfig, suggest
 from metajax.run.setup import Evaluator, Setup
@@ -60,17 +63,21 @@ _INNER = ("inner_steps", "inner_lr", "inner_optimizer", "unroll", "monitor")
 _TASKS = ("task_batch", "unroll_tasks")
 _GRADIENT = _INNER + _TASKS + ("remat",)
 ALGORITHMS = {
-    "maml": AlgorithmSpec(algorithms.maml, (*_GRADIENT, "first_order"), masks=True),
-    "fomaml": AlgorithmSpec(algorithms.maml, _GRADIENT, {"first_order": True}, masks=True),
-    "anil": AlgorithmSpec(algorithms.anil, (*_GRADIENT, "first_order", "head")),
+    "maml": AlgorithmSpec(algorithms.maml, (*_GRADIENT, "first_order", "zero_head"), masks=True),
+    "fomaml": AlgorithmSpec(
+        algorithms.maml, (*_GRADIENT, "zero_head"), {"first_order": True}, masks=True
+    ),
+    "anil": AlgorithmSpec(algorithms.anil, (*_GRADIENT, "first_order", "head", "zero_head")),
     "meta_sgd": AlgorithmSpec(algorithms.meta_sgd, (*_GRADIENT, "first_order"), masks=True),
     "mamlpp": AlgorithmSpec(
         algorithms.mamlpp,
         (*_GRADIENT, "first_order", "lslr", "multi_step_loss", "anneal_iters", "first_order_until"),
         masks=True,
     ),
-    "imaml": AlgorithmSpec(algorithms.imaml, (*_INNER, *_TASKS, "reg", "cg_steps")),
-    "reptile": AlgorithmSpec(algorithms.reptile, (*_INNER, *_TASKS, "inner_batch"), masks=True),
+    "imaml": AlgorithmSpec(algorithms.imaml, (*_INNER, *_TASKS, "reg", "cg_steps", "zero_head")),
+    "reptile": AlgorithmSpec(
+        algorithms.reptile, (*_INNER, *_TASKS, "inner_batch", "zero_head"), masks=True
+    ),
     "pretrain": AlgorithmSpec(algorithms.pretrain, _INNER, masks=True),
     "protonets": AlgorithmSpec(
         algorithms.protonets, ("distance", "cosine_scale"), metric_based=True
@@ -169,7 +176,31 @@ def build(config: Config) -> Experiment:
     optimizer = make_optimizer(config.optimizer, config.train.steps)
     if setup.wrap_optimizer is not None:
         optimizer = setup.wrap_optimizer(optimizer)
+    if config.algorithm.zero_head:
+        params, optimizer = _zero_head(config, setup, params, optimizer)
     return Experiment(config, setup, algo, optimizer, params, loss_fn, metric_fn, evaluator)
+
+
+def _zero_head(config: Config, setup: Setup, params, optimizer):
+    """The parameters with the family's head at zero, and ``optimizer`` with zero updates for
+    it (``algorithm.zero_head``)."""
+    name = config.algorithm.name
+    if name == "reptile" and config.algorithm.inner_steps < 2:
+        # At the first step a zero head passes no gradient to the body: nothing to learn.
+        raise ConfigError(
+            f"algorithm.zero_head=True: reptile with inner_steps={config.algorithm.inner_steps}"
+            " never moves the body (a zero head passes it no gradient); use 2 or more."
+        )
+    if setup.head is None:
+        raise ConfigError(f"algorithm.zero_head: family {config.family!r} has no head.")
+    is_head = mask_by_path(params, setup.head)
+    if not any(jax.tree.leaves(is_head)):
+        raise ConfigError(
+            f"algorithm.zero_head: no parameter of {name} matches the head {setup.head!r}."
+        )
+    params = jax.tree.map(lambda h, p: jnp.zeros_like(p) if h else p, is_head, params)
+    labels = jax.tree.map(lambda h: "head" if h else "meta", is_head)
+    return params, optax.multi_transform({"meta": optimizer, "head": optax.set_to_zero()}, labels)
 
 
 def _spec(name: str) -> AlgorithmSpec:
@@ -225,6 +256,10 @@ def make_algorithm(cfg: AlgorithmConfig, setup: Setup, extra: dict | None = None
         name = field.name
         if name in ("name", "inner_optimizer", "inner_optimizer_args"):
             continue  # the inner optimizer is built below, from both of its fields
+        if name == "zero_head":  # build zeroes the head and masks its outer updates
+            if cfg.zero_head and name not in spec.takes:
+                raise ConfigError(f"algorithm.zero_head=True: {cfg.name} takes no 'zero_head'.")
+            continue
         value = getattr(cfg, name)
         if name == "unroll" and value is None:  # a config.json may say null: the default
             continue

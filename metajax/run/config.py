@@ -47,6 +47,10 @@ class AlgorithmConfig:
       inner_optimizer_args: extra keyword arguments of inner_optimizer as (name, value)
         pairs, e.g. (("b1", 0.0),).
       head: anil: regex of the parameter paths that adapt; none: the family's head.
+      zero_head: maml, fomaml, anil, reptile, imaml: the family's head starts every task at zero and
+        is not meta-learned (its outer updates are zero), so no head bias carries over from
+        the tasks of meta-training, whose labels are permuted (reptile: 2 or more inner
+        steps, since at the first a zero head passes the body no gradient).
       lslr: mamlpp: learn per-layer per-step inner rates.
       multi_step_loss: mamlpp: the annealed weighted loss after every inner step.
       anneal_iters: mamlpp: meta-steps over which the multi-step weights anneal.
@@ -72,6 +76,7 @@ class AlgorithmConfig:
     inner_optimizer: str | None = None
     inner_optimizer_args: tuple[tuple[str, float], ...] = ()
     head: str | None = None
+    zero_head: bool = False
     lslr: bool = True
     multi_step_loss: bool = True
     anneal_iters: int = 1000

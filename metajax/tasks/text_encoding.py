@@ -240,6 +240,23 @@ class FewRelTokens(TaskSource):
             self._cache[key] = self.encoder.encode_one(self._relations[relation][index])
         return self._cache[key]
 
+    def first_sentences(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens (m, max_len), positions (m, 2))`` of up to ``count`` sentences taken in
+        turn from each relation (the first sentence of every relation, then the second...):
+        the same sentences whatever the seed and the task shape."""
+        order = [
+            (r, i)
+            for i in range(max(map(len, self._relations)))
+            for r in range(len(self._relations))
+            if i < len(self._relations[r])
+        ][:count]
+        tokens = np.full((len(order), self.encoder.max_len), self.encoder.start_id, np.int32)
+        positions = np.empty((len(order), 2), np.int32)
+        for row, (r, i) in enumerate(order):
+            ids, positions[row] = self._encoded(r, i)
+            tokens[row, : len(ids)] = ids
+        return tokens, positions
+
     def sample(self, step: int, num_tasks: int, first_task: int = 0) -> Task:
         src = self.source
         n, k, q, length = src.ways, src.shots, src.queries, self.encoder.max_len

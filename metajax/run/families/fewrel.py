@@ -44,6 +44,9 @@ from metajax.tasks.text_encoding import POOLS, FewRelTokens, MarkerEncoder
 
 # Tokens per sentence of a pretrained model's tokenizer when task.max_len is 0.
 PRETRAINED_MAX_LEN = 96
+HEAD_INPUTS = ("raw", "centered")
+# Meta-training sentences whose mean pretrained feature centers task.head_input=centered.
+CENTER_SENTENCES = 256
 
 
 @pretrained_choice.documented
@@ -84,6 +87,11 @@ class FewRelTask(ModelChoice):
         [/E2], which have read their entity in a causal model) or prompt (at the head's and
         the tail's names restated in a prompt after the sentence, which have read all of
         it); scratch pools at start.
+      head_input: pretrained model: what the head (and ProtoNets) reads of each of the two
+        pooled states: raw, or centered (minus the mean pooled state of the pretrained
+        model on 256 meta-training sentences, then scaled to unit root mean square). A
+        language model's states share a large common direction and a few outlier
+        dimensions; a zero head's first step on raw states turns them into a class bias.
     """
 
     protocol: str = "cross_domain"
@@ -105,6 +113,7 @@ class FewRelTask(ModelChoice):
     mlp_width: int = 128
     eval_split: str = "test"
     pool: str = "start"
+    head_input: str = "raw"
 
 
 def splits(task: FewRelTask) -> fewrel.Splits:
@@ -153,8 +162,16 @@ def build(config: Config) -> Setup:
     pretrained_choice.check(task)
     if task.pool not in POOLS:
         raise ConfigError(f"task.pool={task.pool!r}: choose one of {', '.join(POOLS)}.")
+    if task.head_input not in HEAD_INPUTS:
+        raise ConfigError(
+            f"task.head_input={task.head_input!r}: choose one of {', '.join(HEAD_INPUTS)}."
+        )
     if task.model != SCRATCH:
         return _build_pretrained(config, task)
+    if task.head_input != "raw":
+        raise ConfigError(
+            f"task.head_input={task.head_input!r}: centering needs a pretrained task.model."
+        )
     if task.pool != "start":
         raise ConfigError(f"task.pool={task.pool!r}: the scratch classifier pools at start.")
     train, test = sources(task, config.train.seed)
@@ -232,11 +249,22 @@ def _build_pretrained(config: Config, task: FewRelTask) -> Setup:
     except ValueError as e:
         raise ConfigError(f"task.{e}") from None
 
-    def embed(params, x):
+    def pooled(params, x):
         inputs, positions = x
         states = pre.apply(params["model"], inputs, features=True)
-        pooled = jnp.take_along_axis(states, positions[:, :, None], axis=1)  # (n, 2, d)
-        return pooled.reshape(pooled.shape[0], -1)
+        return jnp.take_along_axis(states, positions[:, :, None], axis=1)  # (n, 2, d)
+
+    train_tokens = FewRelTokens(train_rel, encoder)
+    center = None
+    if task.head_input == "centered":
+        center = _mean_pooled(jax.jit(pooled), {"model": pre.meta_params}, train_tokens, pre)
+
+    def embed(params, x):
+        states = pooled(params, x)
+        if center is not None:
+            states = states - center
+            states = states * jax.lax.rsqrt(jnp.mean(states**2, -1, keepdims=True) + 1e-6)
+        return states.reshape(states.shape[0], -1)
 
     def apply(params, x):
         return embed(params, x) @ params["head"]["kernel"] + params["head"]["bias"]
@@ -255,7 +283,7 @@ def _build_pretrained(config: Config, task: FewRelTask) -> Setup:
         params=params,
         loss_fn=classification_loss(apply),
         metric_fn=accuracy_metric(apply),
-        train_source=MappedSource(FewRelTokens(train_rel, encoder), to_inputs),
+        train_source=MappedSource(train_tokens, to_inputs),
         eval_source=MappedSource(FewRelTokens(test_rel, encoder), to_inputs),
         evaluator=Evaluator(
             apply,
@@ -270,6 +298,19 @@ def _build_pretrained(config: Config, task: FewRelTask) -> Setup:
         inner_mask=pre.inner_mask(params, config),
         wrap_optimizer=pre.wrap_optimizer(),
     )
+
+
+def _mean_pooled(pooled, params, source: FewRelTokens, pre: Pretrained) -> jax.Array:
+    """The mean ``(2, width)`` of ``pooled`` over :data:`CENTER_SENTENCES` meta-training
+    sentences, taken in turn from each relation (the same for every seed and task shape, so
+    evaluation at other shots centers as training did), under the pretrained weights (the
+    LoRA factors start at zero); computed once, in batches of 32."""
+    tokens, positions = source.first_sentences(CENTER_SENTENCES)
+    total = 0.0
+    for lo in range(0, len(tokens), 32):
+        x = (pre.inputs(tokens[lo : lo + 32]), positions[lo : lo + 32])
+        total = total + np.asarray(pooled(params, x), np.float64).sum(0)
+    return jnp.asarray(total / len(tokens), jnp.float32)
 
 
 def _labels(labels, n: int, ways: int) -> np.ndarray:
