@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 from _shared_data import use_shared_data
+from fewrel_proto_head_probe import curves
 
 from metajax.run.build import build, make_algorithm
 from metajax.run.config_files import load_config
-from metajax.train import evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,19 +52,7 @@ def main():
             built[head_input] = build(load_config(args.config, sets))
         exp = built[head_input]
         rule = dataclasses.replace(exp.config.algorithm, inner_lr=rate)
-        algo = make_algorithm(rule, exp.setup)
-        per_task = evaluate(
-            algo,
-            exp.params,
-            exp.setup.eval_source,
-            exp.loss_fn,
-            exp.metric_fn,
-            num_tasks=args.tasks,
-            steps=args.steps,
-            chunk=20,
-        )
-        acc = np.asarray(per_task["accuracy"]).mean(0)
-        loss = np.asarray(per_task["loss"]).mean(0)
+        acc, loss = curves(make_algorithm(rule, exp.setup), exp, args.tasks, args.steps)
         out[pair] = {"accuracy": acc.tolist(), "loss": loss.tolist()}
         print(f"{head_input}, rate {rate:g}: accuracy {np.round(acc, 4)}, loss {np.round(loss, 3)}")
     path = RESULTS / "fewrel_head_input_probe.json"

@@ -28,6 +28,22 @@ from metajax.train import evaluate
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def curves(algo, exp, tasks: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean query accuracy and loss after 0..``steps`` inner steps of ``algo`` from the
+    experiment's initial parameters, over its first ``tasks`` evaluation tasks."""
+    per_task = evaluate(
+        algo,
+        exp.params,
+        exp.setup.eval_source,
+        exp.loss_fn,
+        exp.metric_fn,
+        num_tasks=tasks,
+        steps=steps,
+        chunk=20,
+    )
+    return np.asarray(per_task["accuracy"]).mean(0), np.asarray(per_task["loss"]).mean(0)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("pairs", nargs="+", help="SCALE:RATE, e.g. 3:1")
@@ -50,18 +66,7 @@ def main():
     for pair, scale, rate in pairs:
         rule = dataclasses.replace(config.algorithm, inner_lr=rate, cosine_scale=scale)
         algo = make_algorithm(rule, exp.setup, {"ways": config.task.ways})
-        per_task = evaluate(
-            algo,
-            exp.params,
-            exp.setup.eval_source,
-            exp.loss_fn,
-            exp.metric_fn,
-            num_tasks=args.tasks,
-            steps=args.steps,
-            chunk=20,
-        )
-        acc = np.asarray(per_task["accuracy"]).mean(0)
-        loss = np.asarray(per_task["loss"]).mean(0)
+        acc, loss = curves(algo, exp, args.tasks, args.steps)
         out[pair] = {"accuracy": acc.tolist(), "loss": loss.tolist()}
         print(
             f"scale {scale:g}, rate {rate:g}: accuracy {np.round(acc, 4)}, loss {np.round(loss, 3)}"
