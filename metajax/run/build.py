@@ -44,6 +44,8 @@ class AlgorithmSpec(NamedTuple):
       metric_based: it meta-learns the family's embedding (ProtoNets).
       prototype_head: it meta-learns the family's embedding and adapts it with a head
         started at the support's prototypes (Proto-MAML).
+      zero_head: its meta-parameters are the family's, so ``algorithm.zero_head`` can keep
+        their head at zero (build zeroes it and masks its outer updates).
     """
 
     fn: Callable[..., MetaLearner]
@@ -52,6 +54,7 @@ class AlgorithmSpec(NamedTuple):
     masks: bool = False
     metric_based: bool = False
     prototype_head: bool = False
+    zero_head: bool = False
 
     @property
     def on_embedding(self) -> bool:
@@ -63,20 +66,20 @@ _INNER = ("inner_steps", "inner_lr", "inner_optimizer", "unroll", "monitor")
 _TASKS = ("task_batch", "unroll_tasks")
 _GRADIENT = _INNER + _TASKS + ("remat",)
 ALGORITHMS = {
-    "maml": AlgorithmSpec(algorithms.maml, (*_GRADIENT, "first_order", "zero_head"), masks=True),
+    "maml": AlgorithmSpec(algorithms.maml, (*_GRADIENT, "first_order"), masks=True, zero_head=True),
     "fomaml": AlgorithmSpec(
-        algorithms.maml, (*_GRADIENT, "zero_head"), {"first_order": True}, masks=True
+        algorithms.maml, _GRADIENT, {"first_order": True}, masks=True, zero_head=True
     ),
-    "anil": AlgorithmSpec(algorithms.anil, (*_GRADIENT, "first_order", "head", "zero_head")),
+    "anil": AlgorithmSpec(algorithms.anil, (*_GRADIENT, "first_order", "head"), zero_head=True),
     "meta_sgd": AlgorithmSpec(algorithms.meta_sgd, (*_GRADIENT, "first_order"), masks=True),
     "mamlpp": AlgorithmSpec(
         algorithms.mamlpp,
         (*_GRADIENT, "first_order", "lslr", "multi_step_loss", "anneal_iters", "first_order_until"),
         masks=True,
     ),
-    "imaml": AlgorithmSpec(algorithms.imaml, (*_INNER, *_TASKS, "reg", "cg_steps", "zero_head")),
+    "imaml": AlgorithmSpec(algorithms.imaml, (*_INNER, *_TASKS, "reg", "cg_steps"), zero_head=True),
     "reptile": AlgorithmSpec(
-        algorithms.reptile, (*_INNER, *_TASKS, "inner_batch", "zero_head"), masks=True
+        algorithms.reptile, (*_INNER, *_TASKS, "inner_batch"), masks=True, zero_head=True
     ),
     "pretrain": AlgorithmSpec(algorithms.pretrain, _INNER, masks=True),
     "protonets": AlgorithmSpec(
@@ -216,6 +219,8 @@ def _takes(spec: AlgorithmSpec, field: str) -> bool:
     """Whether the algorithm takes ``AlgorithmConfig.field`` (or fixes it)."""
     if field == "inner_optimizer_args":
         field = "inner_optimizer"
+    if field == "zero_head":
+        return spec.zero_head
     return field in spec.fixed or field in spec.takes
 
 
@@ -257,7 +262,7 @@ def make_algorithm(cfg: AlgorithmConfig, setup: Setup, extra: dict | None = None
         if name in ("name", "inner_optimizer", "inner_optimizer_args"):
             continue  # the inner optimizer is built below, from both of its fields
         if name == "zero_head":  # build zeroes the head and masks its outer updates
-            if cfg.zero_head and name not in spec.takes:
+            if cfg.zero_head and not spec.zero_head:
                 raise ConfigError(f"algorithm.zero_head=True: {cfg.name} takes no 'zero_head'.")
             continue
         value = getattr(cfg, name)
