@@ -62,6 +62,9 @@ from metajax.train import summarize
 
 GROUPS = ("latin", "new_script", "validation")
 METHODS = ("copy", "icl")
+# Whose held-out tasks are scored ({shots}: K); a pretrained model's runner draws from the
+# pairs that fit its tokens (translate:smollm2_{shots}_fomaml).
+CONFIG = "translate:{shots}_maml"
 METRICS = ("chrf", "exact_match")
 EXAMPLES_PER_LANGUAGE = 3
 # The token a text starts with, first known first (as the pretrained families choose it).
@@ -73,17 +76,30 @@ SPECIALS = ("bos", "eos", "pad")
 PREFIX_BUCKET, SUFFIX_BUCKET = 64, 16
 
 
-def eval_source(group: str, shots: int):
-    """The runner's held-out source of ``translate:<shots>_maml`` for ``group``, and its
-    ``eval`` settings (``num_tasks``, ``chunk``)."""
+def eval_source(group: str, shots: int, config: str = CONFIG):
+    """The runner's held-out source of ``config`` (``{shots}`` filled in) for ``group``, and
+    its ``eval`` settings (``num_tasks``, ``chunk``)."""
     if group not in GROUPS:
         raise ValueError(f"group={group!r}: choose one of {', '.join(GROUPS)}.")
     if group == "validation":
         sets = ["task.eval_split=validation"]
     else:
         sets = ["task.eval_split=test", f"task.test_group={group}"]
-    config = load_config(f"translate:{shots}_maml", sets)
+    config = load_config(config.format(shots=shots), sets)
     return build(config).setup.eval_source, config.eval
+
+
+def sample_pairs(source, first: int, n: int) -> list[tuple]:
+    """Tasks ``first .. first + n - 1`` of step 0 as ``(language, support, query)``, the
+    pairs as strings: a pretrained model's token source gives them itself, the byte source
+    as decoded rows."""
+    if hasattr(source, "sample_pairs"):
+        return source.sample_pairs(0, n, first)
+    tasks, langs = source.sample(0, n, first), source.sample_languages(0, n, first)
+    return [
+        (lang, task_pairs(tasks.support[0][j]), task_pairs(tasks.query[0][j]))
+        for j, lang in enumerate(langs)
+    ]
 
 
 def task_pairs(tokens) -> list[tuple[str, str]]:
@@ -232,10 +248,13 @@ def _start_id(tokenizer) -> int:
     raise ValueError(f"the tokenizer has none of the start tokens {START_TOKENS}.")
 
 
-def baselines(group, shots, methods, num_tasks=None, translator=None, progress=True) -> dict:
+def baselines(
+    group, shots, methods, num_tasks=None, translator=None, progress=True, config=CONFIG
+) -> dict:
     """Copying and ICL (``methods``) on the first ``num_tasks`` held-out tasks of ``group``
-    (default the config's ``eval.num_tasks``): summaries, per-task scores, examples, speed."""
-    source, eval_cfg = eval_source(group, shots)
+    of the runner of ``config`` (default its ``eval.num_tasks``): summaries, per-task scores,
+    examples, speed."""
+    source, eval_cfg = eval_source(group, shots, config)
     num_tasks = eval_cfg.num_tasks if num_tasks is None else num_tasks
     if "icl" in methods and translator is None:
         raise ValueError("methods include icl: give an IclTranslator.")
@@ -245,10 +264,8 @@ def baselines(group, shots, methods, num_tasks=None, translator=None, progress=T
     bar = tqdm(total=num_tasks, desc=f"{group} K={shots}", disable=not progress, file=sys.stderr)
     for first in range(0, num_tasks, eval_cfg.chunk):
         n = min(eval_cfg.chunk, num_tasks - first)
-        tasks = source.sample(0, n, first)
-        for j, lang in enumerate(source.sample_languages(0, n, first)):
-            support = task_pairs(tasks.support[0][j])
-            sources, refs = map(list, zip(*task_pairs(tasks.query[0][j])))
+        for lang, support, query in sample_pairs(source, first, n):
+            sources, refs = map(list, zip(*query))
             outputs = {"copy": sources}
             if "icl" in methods:
                 outputs["icl"] = translator.translate(support, language_name(lang), sources)
@@ -334,6 +351,9 @@ def main():
     parser.add_argument("--model", default="smollm2-135m", help="pretrained model for icl")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("runs/translate_baselines.json"))
+    parser.add_argument(
+        "--config", default=CONFIG, help="the runner whose tasks are scored ({shots}: K)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     if args.tasks is not None and args.tasks < 1:
@@ -352,7 +372,13 @@ def main():
     for group in args.group:
         for shots in args.shots:
             result = baselines(
-                group, shots, args.methods, args.tasks, translator, not args.no_progress
+                group,
+                shots,
+                args.methods,
+                args.tasks,
+                translator,
+                not args.no_progress,
+                args.config,
             )
             out["results"].append(result)
             args.out.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")

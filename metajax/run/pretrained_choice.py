@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from metajax import lora as lora_lib
+from metajax.models.decoding import greedy_decode, greedy_decode_cached, lm_decoder
 from metajax.models.losses import next_token_byte_metrics, next_token_loss, next_token_metrics
 from metajax.run.config import Config, ConfigError
 from metajax.run.trunk_cache import TrunkCache, file_digest, params_digest
@@ -186,6 +187,13 @@ def _used(model: Any, method: str, example: Any, **kwargs: Any) -> Any:
     return jax.eval_shape(init, example)
 
 
+def _union(base: Any, top: Any) -> Any:
+    """Two parameter trees in one: ``top``'s leaves where both have a path."""
+    if not (isinstance(base, dict) and isinstance(top, dict)):
+        return top
+    return {**base, **{k: _union(base[k], v) if k in base else v for k, v in top.items()}}
+
+
 def _select(params: Any, shapes: Any) -> Any:
     """The part of ``params`` whose paths ``shapes`` has."""
     if isinstance(shapes, dict):
@@ -312,18 +320,21 @@ class Pretrained:
         return self.model.apply(params, x, method="features" if features else None)
 
     def decoder(self) -> tuple[Any, Any]:
-        """``(apply_fn, params_of)`` of the whole model for decoding: ``apply_fn(params_of(
-        meta_params), tokens)`` are the logits of the frozen trunk then the adapted top."""
-        model, start, lora = self.model, self.start, self.lora
+        """``(decode, params_of)`` for greedy decoding with the whole model (the frozen trunk,
+        if any, then the adapted top): ``decode(params_of(meta_params), prompts, lengths,
+        **kwargs)`` takes and returns what :func:`~metajax.models.decoding.greedy_decode`
+        does. A model with ``decode_step`` (``LlamaLM``) decodes with its key-value cache, one
+        position per step; others run the whole buffer once per generated token."""
+        model, lora = self.model, self.lora
         if self.trunk is None:
-            return model.apply, lora.merge
-
-        def apply_fn(params, tokens):
-            trunk, top = params
-            hidden = model.apply(trunk, tokens, blocks=start, method="trunk")
-            return model.apply(top, hidden, start=start, method="top")
-
-        return apply_fn, lambda meta_params: (self.trunk_params, lora.merge(meta_params))
+            params_of = lora.merge
+        else:
+            # The trunk's and the top's weights are disjoint parts of one tree (the tied
+            # embedding is in both; the top's copy wins, as in the loss).
+            params_of = lambda meta_params: _union(self.trunk_params, lora.merge(meta_params))
+        if hasattr(model, "decode_step"):
+            return functools.partial(greedy_decode_cached, lm_decoder(model)), params_of
+        return functools.partial(greedy_decode, model.apply), params_of
 
     def byte_lengths(self) -> np.ndarray:
         """int32 ``(model vocab,)``: the UTF-8 bytes each token id spells

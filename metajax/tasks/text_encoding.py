@@ -19,9 +19,9 @@ attention mask for: no real token sees the pads after it.
   each restated name: in a causal model those states have read the whole sentence and both
   entities. Truncation keeps every marker token and the prompt
   (:func:`metajax.tasks.fewrel._truncate`'s ranking).
-- Translation (:class:`PairEncoder`, :class:`TranslateTokens`): ``start source " =" " target"
-  end``; the mask is 1 on the target's tokens and the end token, so the prompt
-  ``start source " ="`` is the decoder's input at test time.
+- Translation (:class:`PairEncoder`, :class:`TranslateTokens`): ``start "English: source
+  \\nTranslation:" " target" end`` (:data:`PAIR_PROMPT`); the mask is 1 on the target's tokens
+  and the end token, so the prompt is the decoder's input at test time.
 """
 
 from __future__ import annotations
@@ -277,24 +277,42 @@ class FewRelTokens(TaskSource):
         return fewrel.tasks_from_draws(tokens, positions, perm, k)
 
 
+# The prompt of a translation pair. Chosen on 486 pairs of the 81 Latin-script meta-training
+# languages before any training (experiments/translate_format_probe.py): SmolLM2-135M gives
+# their targets fewer bits per token after it than after "source =" and writes names, not
+# numbers, after it.
+PAIR_PROMPT = "English: {}\nTranslation:"
+
+
 class PairEncoder:
-    """(source, target) pairs <-> ``start source " =" " target" end`` token rows.
+    """(source, target) pairs <-> ``start prompt(source) " target" end`` token rows.
 
     Args:
       encode_ids: ``text -> ids``; decode_ids: ``ids -> text``.
       start_id, end_id: the first token and the end token (also the padding).
       max_len: tokens per sequence.
+      prompt: what precedes the target, ``{}`` standing for the source.
     """
 
-    def __init__(self, encode_ids, decode_ids, start_id: int, end_id: int, max_len: int):
+    def __init__(
+        self,
+        encode_ids,
+        decode_ids,
+        start_id: int,
+        end_id: int,
+        max_len: int,
+        prompt: str = PAIR_PROMPT,
+    ):
+        if prompt.count("{}") != 1:
+            raise ValueError(f"prompt={prompt!r} must hold one {{}} for the source.")
         self.decode_ids, self.start_id, self.end_id = decode_ids, start_id, end_id
-        self.max_len = max_len
+        self.max_len, self.prompt = max_len, prompt
         self._ids = functools.lru_cache(maxsize=1 << 16)(lambda text: list(encode_ids(text)))
 
     def _parts(self, pair) -> tuple[list[int], list[int]]:
         if len(pair) != 2 or not all(isinstance(s, str) for s in pair):
             raise TypeError(f"a pair must be (source, target) strings, got {pair!r}.")
-        return [self.start_id, *self._ids(pair[0] + " =")], self._ids(" " + pair[1])
+        return [self.start_id, *self._ids(self.prompt.format(pair[0]))], self._ids(" " + pair[1])
 
     def fits(self, pair) -> bool:
         prompt, target = self._parts(pair)
@@ -357,30 +375,51 @@ class TranslateTokens(TaskSource):
 
     def __init__(self, source: translate.Translate, encoder: PairEncoder):
         self.source, self.encoder = source, encoder
+        self._pairs: dict[str, list[tuple[str, str]]] = {}
         self._tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def pairs(self, lang: str) -> list[tuple[str, str]]:
+        """A language's pairs that fit ``max_len`` tokens, in :func:`load_pairs` order."""
+        if lang not in self._pairs:
+            pairs = translate.load_pairs(lang, tuple(self.source.kinds))
+            self._pairs[lang] = [p for p in pairs if self.encoder.fits(p)]
+        return self._pairs[lang]
 
     def table(self, lang: str) -> tuple[np.ndarray, np.ndarray]:
         if lang not in self._tables:
-            pairs = translate.load_pairs(lang, tuple(self.source.kinds))
-            self._tables[lang] = self.encoder.pairs([p for p in pairs if self.encoder.fits(p)])
+            self._tables[lang] = self.encoder.pairs(self.pairs(lang))
         return self._tables[lang]
 
-    def sample(self, step: int, num_tasks: int, first_task: int = 0) -> Task:
-        src, length = self.source, self.encoder.max_len
+    def _draw(self, step: int, task: int) -> tuple[str, np.ndarray]:
+        """Task ``task`` of ``step``: its language and the indices of its K + Q pairs."""
+        src = self.source
         langs = src.split_languages()
-        sid, k, q = split_id(src.split), src.shots, src.queries
-        tokens = np.empty((num_tasks, k + q, length), np.int32)
-        mask = np.empty((num_tasks, k + q, length), np.float32)
+        rng = task_rng(src.seed, split_id(src.split), step, task)
+        lang = langs[rng.integers(len(langs))]
+        n, need = len(self.pairs(lang)), src.shots + src.queries
+        if n < need:
+            raise ValueError(f"language {lang!r} has {n} pairs that fit; need {need}.")
+        return lang, rng.choice(n, need, replace=False)
+
+    def sample(self, step: int, num_tasks: int, first_task: int = 0) -> Task:
+        k, length = self.source.shots, self.encoder.max_len
+        tokens = np.empty((num_tasks, k + self.source.queries, length), np.int32)
+        mask = np.empty_like(tokens, np.float32)
         for t in range(num_tasks):
-            rng = task_rng(src.seed, sid, step, first_task + t)
-            table_tokens, table_mask = self.table(langs[rng.integers(len(langs))])
-            if len(table_tokens) < k + q:
-                raise ValueError(
-                    f"a language has {len(table_tokens)} pairs that fit; need {k + q}."
-                )
-            picks = rng.choice(len(table_tokens), k + q, replace=False)
+            lang, picks = self._draw(step, first_task + t)
+            table_tokens, table_mask = self.table(lang)
             tokens[t], mask[t] = table_tokens[picks], table_mask[picks]
         return Task(support=(tokens[:, :k], mask[:, :k]), query=(tokens[:, k:], mask[:, k:]))
+
+    def sample_pairs(self, step: int, num_tasks: int, first_task: int = 0) -> list[tuple]:
+        """The tasks of :meth:`sample` as text: ``(language, support pairs, query pairs)``
+        each, the pairs ``(English, target)`` strings."""
+        out = []
+        for t in range(num_tasks):
+            lang, picks = self._draw(step, first_task + t)
+            pairs = [self.pairs(lang)[i] for i in picks]
+            out.append((lang, pairs[: self.source.shots], pairs[self.source.shots :]))
+        return out
 
     def sample_languages(self, step: int, num_tasks: int, first_task: int = 0) -> list[str]:
         return self.source.sample_languages(step, num_tasks, first_task)

@@ -10,11 +10,12 @@ meta-training, the test languages in two groups (``task.test_group``): scripts n
 either, or Latin script (:func:`metajax.tasks.translate.language_groups`).
 
 With a pretrained ``task.model`` (:mod:`metajax.run.pretrained_choice`) a pair is encoded by
-its tokenizer as the prompt ``start English " ="`` and the target ``" name" end``
-(:class:`metajax.tasks.text_encoding.PairEncoder`), the mask on the target and end; LoRA
-factors are meta-learned, the metrics are bits per token and next-token accuracy. Greedy
-translation runs the whole model (the frozen trunk, if any, then the adapted top) once per
-generated token.
+its tokenizer as the prompt ``start "English: Germany\\nTranslation:"`` and the target
+``" name" end`` (:class:`metajax.tasks.text_encoding.PairEncoder`), the mask on the target
+and end; LoRA factors are meta-learned, the metrics are bits per token and next-token
+accuracy. Greedy
+translation runs the whole model (the frozen trunk, if any, then the adapted top), with its
+key-value cache where it has one (Llama-family models: one position per step).
 
 ``predict_fn`` translates greedily (jitted, ``decode_len`` tokens at most): ``inputs_fn`` turns
 a list of English strings into prompts, ``outputs_fn`` the generated tokens into strings, and
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metajax.models.decoding import greedy_decode, lm_decoder
+from metajax.models.decoding import lm_decoder
 from metajax.models.losses import bits_per_byte_metric, next_token_loss
 from metajax.models.metrics import text_scores
 from metajax.models.transformer import TransformerConfig, TransformerLM
@@ -191,13 +192,12 @@ def _build_pretrained(config: Config, task: TaskConfig) -> Setup:
     encoder = PairEncoder(
         pre.encode_ids, pre.tokenizer.decode, pre.start_id, pre.end_id, task.max_len
     )
-    apply_fn, params_of = pre.decoder()
+    decode, params_of = pre.decoder()
     banned = () if pre.start_id == pre.end_id else (pre.start_id,)
 
     def predict_fn(adapted, inputs):
         prompts, lengths = inputs
-        return greedy_decode(
-            apply_fn,
+        return decode(
             params_of(adapted),
             prompts,
             lengths,
