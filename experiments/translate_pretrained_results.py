@@ -10,7 +10,7 @@ gets the baselines' rows on its first tasks too, the same languages) and writes
 baselines as horizontal lines::
 
     .venv/bin/python experiments/translate_pretrained_results.py runs \
-        --baselines runs/translate_icl_latin.json
+        --baselines runs/translate_icl_latin_sm.json
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def figure(found: dict, baselines: list[dict], path: Path) -> None:
             color, ls = styles[method]
             ax.axhline(
                 summary["chrf"]["mean"], color=color, ls=ls, lw=1 + (result["shots"] > 8),
-                label=f"{BASELINES[method]}, K = {result['shots']}",
+                label=f"{BASELINES[method]}, K = {result['shots']}, {result['num_tasks']} tasks",
             )  # fmt: skip
     ax.set_xlabel("adaptation steps on the K support pairs")
     ax.set_ylabel("chrF of greedy translations (0 to 100)")
@@ -112,8 +112,9 @@ def figure(found: dict, baselines: list[dict], path: Path) -> None:
 
 def first_tasks(result: dict, n: int) -> dict:
     """A baselines' result restricted to its first ``n`` tasks, from its per-task scores: a
-    run evaluated on ``n`` tasks drew the same languages in the same order (its pairs may
-    differ where a pretrained tokenizer leaves out pairs longer than its sequences)."""
+    run evaluated on ``n`` tasks drew the same languages in the same order, and the same
+    pairs when the baselines were scored with the run's config (``translate_baselines.py
+    --config``)."""
     per_task = result["per_task"]
     methods = {}
     for method in result["methods"]:

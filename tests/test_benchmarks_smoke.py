@@ -115,6 +115,19 @@ def test_decoding_benchmark_smoke():
     assert result["generated_tokens"] == 4 * 12 and result["speedup"] > 0
 
 
+def test_decoding_benchmark_on_a_pretrained_config():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.decoding", "--config", "translate:smollm2_tiny",
+         "--repeats", "1"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=600,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    # One chunk of the tiny config (8 tasks of 2 queries), at most decode_len = 8 tokens
+    # each; the benchmark has checked that both forms give the same tokens.
+    assert result["prompts"] == 16 and 0 < result["generated_tokens"] <= 16 * 8
+
+
 def test_inner_loop_default_smoke(tmp_path):
     # Smoke sizes: 2 inner steps timed, remat compiled at 2 and 12 steps.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_backend_optimization_level=0"}
