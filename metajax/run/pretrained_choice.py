@@ -329,8 +329,10 @@ class Pretrained:
         if self.trunk is None:
             params_of = lora.merge
         else:
-            # The trunk's and the top's weights are disjoint parts of one tree (the tied
-            # embedding is in both; the top's copy wins, as in the loss).
+            # The trunk's and the top's weights are disjoint parts of one tree, but for the
+            # tied embedding: decoding reads the top's copy as the input embedding too. The
+            # loss reads the trunk's there; they are the same weights unless adapt="all" or
+            # freeze_base=False trains the top's copy.
             params_of = lambda meta_params: _union(self.trunk_params, lora.merge(meta_params))
         if hasattr(model, "decode_step"):
             return functools.partial(greedy_decode_cached, lm_decoder(model)), params_of

@@ -13,9 +13,9 @@ With a pretrained ``task.model`` (:mod:`metajax.run.pretrained_choice`) a pair i
 its tokenizer as the prompt ``start "English: Germany\\nTranslation:"`` and the target
 ``" name" end`` (:class:`metajax.tasks.text_encoding.PairEncoder`), the mask on the target
 and end; LoRA factors are meta-learned, the metrics are bits per token and next-token
-accuracy. Greedy
-translation runs the whole model (the frozen trunk, if any, then the adapted top), with its
-key-value cache where it has one (Llama-family models: one position per step).
+accuracy. Greedy translation runs the whole model (the frozen trunk, if any, then the
+adapted top), with its key-value cache where it has one (Llama-family models: one position
+per step).
 
 ``predict_fn`` translates greedily (jitted, ``decode_len`` tokens at most): ``inputs_fn`` turns
 a list of English strings into prompts, ``outputs_fn`` the generated tokens into strings, and
