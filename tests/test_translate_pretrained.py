@@ -100,7 +100,8 @@ def test_cli_smollm2_tiny_trains_the_top_block_on_latin_script_languages(tmp_pat
 @pytest.mark.parametrize("blocks", [None, 1])
 def test_llama_decodes_with_its_cache_as_with_full_passes(blocks):
     # Perturbed factors (b != 0): the adapted top differs from the pretrained model. The
-    # cached decoder must give the tokens of full passes (trunk, then top) per token.
+    # cached decoder, on the trunk's and the top's weights joined in one tree, must give the
+    # tokens of full passes of the trunk then the top, one per generated token.
     task = load_config("translate:smollm2_tiny", []).task
     pre = Pretrained(dataclasses.replace(task, trainable_blocks=blocks), 0, task.max_len)
     leaves, treedef = jax.tree.flatten(pre.meta_params)
@@ -113,7 +114,14 @@ def test_llama_decodes_with_its_cache_as_with_full_passes(blocks):
     kwargs = dict(steps=12, end_id=pre.end_id, pad_id=pre.end_id, banned_ids=(pre.start_id,))
     decode, params_of = pre.decoder()
     cached = np.asarray(decode(params_of(meta), prompts, lengths, **kwargs))
-    full = greedy_decode(pre.model.apply, params_of(meta), prompts, lengths, **kwargs)
+    top = pre.lora.merge(meta)
+    if pre.trunk is None:
+        apply_fn = pre.model.apply
+    else:  # as the loss reads it: the trunk's own weights, then the adapted top's
+        model, start = pre.model, pre.start
+        hidden = lambda t: model.apply(pre.trunk_params, t, blocks=start, method="trunk")
+        apply_fn = lambda top, t: model.apply(top, hidden(t), start=start, method="top")
+    full = greedy_decode(apply_fn, top, prompts, lengths, **kwargs)
     np.testing.assert_array_equal(cached, np.asarray(full))
     assert len({tuple(row) for row in cached}) > 1  # real outputs, not all padding
 
