@@ -1,7 +1,9 @@
 """The table and figure of translation with SmolLM2-135M on the Latin-script test group.
 
 Reads, under RUNS (default ``runs``), ``tr_sm_<k>_<algo>/eval.json`` of the
-``translate:smollm2_<k>_<algo>`` runs, and the baselines' file written by
+``translate:smollm2_<k>_<algo>`` runs, ``tr_sml_<k>_<algo>/eval.json`` of the
+``translate:smollm2_latin_<k>_<algo>`` runs (meta-trained on the Latin-script training
+languages only), and the baselines' file written by
 ``experiments/translate_baselines.py`` (copying the English name, in-context learning with
 the same model). Prints one Markdown row per run and baseline (chrF and exact match at the
 scored step counts, bits per target token; a run evaluated on fewer tasks than the baselines
@@ -30,20 +32,28 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NAMES = {"maml": "second-order MAML", "fomaml": "FOMAML", "reptile": "Reptile",
          "pretrain": "fine-tuned on pooled pairs"}  # fmt: skip
 BASELINES = {"copy": "copy the English name", "icl": "in-context learning"}
+# Meta-training languages: the run directory's prefix and the row's words.
+TRAIN_LANGUAGES = {"all": ("tr_sm", "all 137"), "latin": ("tr_sml", "81 Latin-script")}
 
 
 def cell(mean: float, ci: float, scale: float = 1.0) -> str:
     return "-" if math.isnan(mean) else f"{scale * mean:.2f} ± {scale * ci:.2f}"
 
 
-def runs_found(runs: Path) -> dict[tuple[int, str], dict]:
+def runs_found(runs: Path) -> dict[tuple[int, str, str], dict]:
+    """``{(shots, algo, training languages): eval.json}`` of the runs under ``runs``."""
     found = {}
-    for shots in (8, 32):
-        for algo in NAMES:
-            path = runs / f"tr_sm_{shots}_{algo}" / "eval.json"
-            if path.is_file():
-                found[shots, algo] = json.loads(path.read_text())
+    for languages, (prefix, _) in TRAIN_LANGUAGES.items():
+        for shots in (8, 32):
+            for algo in NAMES:
+                path = runs / f"{prefix}_{shots}_{algo}" / "eval.json"
+                if path.is_file():
+                    found[shots, algo, languages] = json.loads(path.read_text())
     return found
+
+
+def run_name(algo: str, languages: str) -> str:
+    return f"{NAMES[algo]} (LoRA, top 2 blocks; {TRAIN_LANGUAGES[languages][1]} languages)"
 
 
 def scored(result: dict) -> list[int]:
@@ -58,7 +68,7 @@ def table(found: dict, baselines: list[dict]) -> list[str]:
         " bits per token, 0 steps | last |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (shots, algo), result in found.items():
+    for (shots, algo, languages), result in found.items():
         m = result["metrics"]
         steps = scored(result)
         chrf = ", ".join(f"{s}: {cell(m['chrf']['mean'][s], m['chrf']['ci95'][s])}" for s in steps)
@@ -69,7 +79,7 @@ def table(found: dict, baselines: list[dict]) -> list[str]:
             cell(bits["mean"][-1], bits["ci95"][-1]),
         )
         lines.append(
-            f"| {shots} | {NAMES[algo]} (LoRA, top 2 blocks) | {result['num_tasks']} | {chrf} | "
+            f"| {shots} | {run_name(algo, languages)} | {result['num_tasks']} | {chrf} | "
             f"{cell(m['exact_match']['mean'][last], m['exact_match']['ci95'][last], 100)} % | "
             f"{first} | {final} |"
         )
@@ -85,15 +95,17 @@ def table(found: dict, baselines: list[dict]) -> list[str]:
 
 
 def figure(found: dict, baselines: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for n, ((shots, algo), result) in enumerate(found.items()):
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for (shots, algo, languages), result in found.items():
         steps = scored(result)
         chrf = result["metrics"]["chrf"]
         ax.errorbar(
             steps, [chrf["mean"][s] for s in steps], yerr=[chrf["ci95"][s] for s in steps],
-            marker="o", ms=3, capsize=2, color=f"C{n}", label=f"{NAMES[algo]}, K = {shots}",
+            marker="o" if languages == "all" else "s", ms=3, capsize=2,
+            ls="-" if languages == "all" else "-.", color=f"C{list(NAMES).index(algo)}",
+            label=f"{NAMES[algo]}, K = {shots}, {TRAIN_LANGUAGES[languages][1]} languages",
         )  # fmt: skip
-    styles = {"copy": ("C7", ":"), "icl": ("C3", "--")}
+    styles = {"copy": ("C7", ":"), "icl": ("k", "--")}
     for result in baselines:
         for method, summary in result["methods"].items():
             color, ls = styles[method]
@@ -148,7 +160,7 @@ def main():
         if r["group"] == "latin"
     ]
     if not found and not baselines:
-        raise SystemExit(f"no tr_sm_<k>_<algo>/eval.json under {args.runs} and no baselines")
+        raise SystemExit(f"no tr_sm[l]_<k>_<algo>/eval.json under {args.runs} and no baselines")
     baselines = matched(found, baselines)
     print("\n".join(table(found, baselines)))
     if found:  # without a run the figure would be the baselines' lines alone

@@ -347,3 +347,40 @@ def test_family_evaluates_either_test_group():
     )
     with pytest.raises(ConfigError, match="task.test_group='cyrillic': choose new_script or latin"):
         family.check(dataclasses.replace(task, test_group="cyrillic"))
+
+
+def test_latin_train_script_meta_trains_on_latin_script_languages_only():
+    latin = T.Translate("train", shots=4, queries=3, seed=1, max_len=48, train_script="latin")
+    every = T.Translate("train", shots=4, queries=3, seed=1, max_len=48)
+    groups = T.language_groups()
+    drawn = set(latin.split_languages())
+    assert drawn == {x for x in groups["train"] if T.scripts(x) == ("LATIN",)}
+    assert 0 < len(drawn) < len(every.split_languages())
+    assert {"fr", "de", "sq"} <= drawn and not {"ru", "ja", "bn"} & drawn
+    assert set(latin.sample_languages(0, 30)) <= drawn
+    # Only the train split changes: validation and test draw the same tasks either way.
+    for split in ("validation", "test"):
+        a, b = (
+            T.Translate(split, 4, 3, seed=1, max_len=48, train_script=s) for s in T.TRAIN_SCRIPTS
+        )
+        np.testing.assert_array_equal(a.sample(0, 3).query[0], b.sample(0, 3).query[0])
+    with pytest.raises(ValueError, match="train_script='cyrillic': choose one of any, latin"):
+        T.Translate("train", train_script="cyrillic")
+
+
+def test_family_passes_the_train_script_to_the_train_source_only():
+    family = pytest.importorskip("metajax.run.families.translate")
+    from metajax.configs import translate as configs
+    from metajax.run.config import ConfigError
+
+    config = configs.get_config("smollm2_latin_8_fomaml")
+    assert config.task.train_script == "latin" and config.name == "translate_smollm2_latin_8_fomaml"
+    # The same settings as the variant meta-trained on every training language.
+    every = configs.get_config("smollm2_8_fomaml")
+    assert dataclasses.replace(config.task, train_script="any") == every.task
+    assert config.algorithm == every.algorithm and config.train == every.train
+    task = family.TaskConfig(shots=2, queries=2, max_len=32, decode_len=6, train_script="latin")
+    train, test = family._sources(task, seed=0)
+    assert train.train_script == "latin" and test.train_script == "any"
+    with pytest.raises(ConfigError, match="task.train_script='greek': choose any or latin"):
+        family.check(dataclasses.replace(task, train_script="greek"))

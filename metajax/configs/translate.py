@@ -39,6 +39,9 @@ frozen, cached trunk, pairs of at most 28 of its tokens (99 % of the Latin-scrip
 of 4 tasks (every new pair runs the 28-block trunk once; every position the 49,152-way
 output layer), inner SGD at 0.01, evaluation on 200 tasks after 0 to 10 steps, chrF after
 0, 5 and 10.
+``smollm2_latin_<k>_<algo>``: the same, meta-trained (or, for ``pretrain``, fine-tuned) on
+the 81 training languages written in Latin script alone (``task.train_script=latin``), so
+the adapted top never learns to write the other scripts the Latin test group does not use.
 ``smollm2_tiny`` runs the same settings in seconds on the committed random tiny Llama.
 """
 
@@ -66,6 +69,7 @@ VARIANTS = (
     "smollm2_tiny",
     *(f"{k}_{a}" for k in SHOTS for a in ALGORITHMS),
     *(f"smollm2_{k}_{a}" for k in SHOTS for a in ALGORITHMS),
+    *(f"smollm2_latin_{k}_{a}" for k in SHOTS for a in ALGORITHMS),
 )
 
 
@@ -123,6 +127,14 @@ def get_config(variant: str = "") -> Config:
             return _smollm2(get_config("tiny"), tiny=True)
         if rest in VARIANTS and rest[0].isdigit():
             return _smollm2(get_config(rest), tiny=False)
+        latin = rest.removeprefix("latin_")
+        if latin != rest and latin in VARIANTS and latin[0].isdigit():
+            config = _smollm2(get_config(latin), tiny=False)
+            return dataclasses.replace(
+                config,
+                name=config.name.replace("smollm2_", "smollm2_latin_"),
+                task=dataclasses.replace(config.task, train_script="latin"),
+            )
         raise ValueError(f"translate variant {variant!r}: expected one of {VARIANTS}.")
     if variant in ("tiny", "gpt2_tiny"):
         algo_cfg, opt = algorithm("maml", 2)

@@ -66,6 +66,8 @@ class TaskConfig(ModelChoice):
         metajax.tasks.translate.language_groups. Ignored by eval_split=validation.
       decode_len: tokens generated per translation at most (END included); at most
         max_len - 3.
+      train_script: which training languages meta-training draws: any (all 137) or latin
+        (the 81 written in Latin script alone, for the latin test group).
     """
 
     kinds: tuple[str, ...] = translate.DEFAULT_KINDS
@@ -79,6 +81,7 @@ class TaskConfig(ModelChoice):
     eval_split: str = "test"
     decode_len: int = 56
     test_group: str = "new_script"
+    train_script: str = "any"
 
 
 def check(task: TaskConfig) -> None:
@@ -99,6 +102,11 @@ def check(task: TaskConfig) -> None:
     if task.test_group not in translate.TEST_GROUPS:
         raise ConfigError(
             f"task.test_group={task.test_group!r}: choose {' or '.join(translate.TEST_GROUPS)}."
+        )
+    if task.train_script not in translate.TRAIN_SCRIPTS:
+        raise ConfigError(
+            f"task.train_script={task.train_script!r}: choose "
+            f"{' or '.join(translate.TRAIN_SCRIPTS)}."
         )
 
 
@@ -182,7 +190,7 @@ def _sources(task: TaskConfig, seed: int) -> tuple[translate.Translate, translat
         kinds=tuple(task.kinds),
     )
     return (
-        translate.Translate(split="train", **common),
+        translate.Translate(split="train", train_script=task.train_script, **common),
         translate.Translate(split=task.eval_split, test_group=task.test_group, **common),
     )
 
