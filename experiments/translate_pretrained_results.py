@@ -95,15 +95,17 @@ def table(found: dict, baselines: list[dict]) -> list[str]:
 
 
 def figure(found: dict, baselines: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    # Colour: the algorithm; line: the meta-training languages; marker and width: K.
+    fig, ax = plt.subplots(figsize=(11, 5))
     for (shots, algo, languages), result in found.items():
         steps = scored(result)
         chrf = result["metrics"]["chrf"]
         ax.errorbar(
             steps, [chrf["mean"][s] for s in steps], yerr=[chrf["ci95"][s] for s in steps],
-            marker="o" if languages == "all" else "s", ms=3, capsize=2,
+            marker="o" if shots == 8 else "^", ms=4, capsize=2, lw=1 + (shots > 8),
             ls="-" if languages == "all" else "-.", color=f"C{list(NAMES).index(algo)}",
-            label=f"{NAMES[algo]}, K = {shots}, {TRAIN_LANGUAGES[languages][1]} languages",
+            label=f"{NAMES[algo]}, K = {shots}, {TRAIN_LANGUAGES[languages][1]} languages, "
+            f"{result['num_tasks']} tasks",
         )  # fmt: skip
     styles = {"copy": ("C7", ":"), "icl": ("k", "--")}
     for result in baselines:
@@ -116,7 +118,7 @@ def figure(found: dict, baselines: list[dict], path: Path) -> None:
     ax.set_xlabel("adaptation steps on the K support pairs")
     ax.set_ylabel("chrF of greedy translations (0 to 100)")
     ax.set_title("English to held-out Latin-script languages: SmolLM2-135M")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
@@ -164,8 +166,9 @@ def main():
     baselines = matched(found, baselines)
     print("\n".join(table(found, baselines)))
     if found:  # without a run the figure would be the baselines' lines alone
-        counts = {r["num_tasks"] for r in found.values()}
-        lines = [b for b in baselines if b["num_tasks"] in counts] or baselines
+        # The baselines on the tasks every run was evaluated on (the first n of each).
+        fewest = min(r["num_tasks"] for r in found.values())
+        lines = [b for b in baselines if b["num_tasks"] == fewest] or baselines
         figure(found, lines, RESULTS / "translate_smollm2_latin.png")
 
 

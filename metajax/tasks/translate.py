@@ -40,10 +40,11 @@ an earlier locale's (``no`` = ``nb``) are not used at all. With babel 2.19 (CLDR
   Uralic): vi; bew, id, jv, mi, ms, to; eu; ha; om, so; ak, blo, ee, ig, ln, sw, wo, xh,
   yo, zu; az, tk, tr, uz; et, fi, hu, smn (29 languages);
 - ``validation`` (Armenian, Hellenic, Iroquoian, Kartvelian): chr, el, hy, ka;
-- train: the remaining 137 languages. Unused (59): the held-out families' languages in
-  another script than their group's rule allows (Cyrillic and Arabic Turkic, Khmer km, Ol
-  Chiki sat, Ethiopic byn, Cyrillic myv, Myanmar shn, Arabic brh, Latin kxv and za), or with
-  fewer names (39 smaller Niger-Congo locales, fil, mg, se, sms).
+- train: the remaining 137 languages, 81 of them written in Latin script alone (those
+  ``Translate(train_script="latin")`` meta-trains on). Unused (59): the held-out families'
+  languages in another script than their group's rule allows (Cyrillic and Arabic Turkic,
+  Khmer km, Ol Chiki sat, Ethiopic byn, Cyrillic myv, Myanmar shn, Arabic brh, Latin kxv and
+  za), or with fewer names (39 smaller Niger-Congo locales, fil, mg, se, sms).
 
 Sampling follows :mod:`metajax.tasks.words`: a task is one language of the split, its support K
 pairs and its query Q other pairs, a pure function of ``(seed, split, step, task index)``.
