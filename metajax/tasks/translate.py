@@ -212,9 +212,14 @@ def _usable_languages() -> tuple[str, ...]:
     return tuple(out)
 
 
+def latin_alone(lang: str) -> bool:
+    """Whether a language's names are written in Latin script alone (:func:`scripts`)."""
+    return scripts(lang) == ("LATIN",)
+
+
 def _follows_script_rule(group: str, lang: str, train_scripts: set[str]) -> bool:
     if group == "latin":
-        return scripts(lang) == ("LATIN",)
+        return latin_alone(lang)
     return not set(scripts(lang)) & train_scripts
 
 
@@ -378,8 +383,8 @@ class Translate(TaskSource):
         with explicit ``languages``. Task ``i`` of a step draws the same random numbers in
         either group, from another language list.
       train_script: which training languages the train split draws, one of
-        :data:`TRAIN_SCRIPTS`: ``any`` or ``latin`` (those whose names are in Latin script
-        alone, :func:`scripts`); the other splits ignore it.
+        :data:`TRAIN_SCRIPTS`: ``any`` or ``latin`` (:func:`latin_alone`); the other splits
+        ignore it.
     """
 
     split: str = "train"
@@ -411,7 +416,7 @@ class Translate(TaskSource):
             names = dict(zip(("train", "validation", "test"), self.languages, strict=True))
             names = lang_lib.check_split(names, base_locales())
         if self.train_script == "latin":
-            names = {**names, "train": tuple(x for x in names["train"] if scripts(x) == ("LATIN",))}
+            names = {**names, "train": tuple(filter(latin_alone, names["train"]))}
         return names
 
     def split_languages(self) -> tuple[str, ...]:
